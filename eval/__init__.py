@@ -1,0 +1,1 @@
+"""QA evaluation: metrics, dataset readers and evaluation scripts."""

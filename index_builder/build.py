@@ -1,0 +1,236 @@
+"""Build an index folder: corpus -> passages (Arrow) -> d(z) in shards (.npy) -> vectors.npy -> FAISS -> manifest.
+
+Each stage writes to a temporary name and renames when done, and `build.json` records the config, so a killed
+build rerun with the same config keeps every finished stage and shard and redoes only the rest.
+Started with `accelerate launch`, every process encodes a contiguous block of shards; the main process does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from rag.config import BuildConfig, save_config
+from rag.index import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST,
+    STORE_FILE,
+    VECTORS_FILE,
+    build_faiss,
+    factory_string,
+    file_entry,
+    write_json_atomic,
+)
+from rag.passages import ReadReport, iter_passages
+from rag.store import PassageStore, StoreWriter
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "build.json"
+SHARDS = "shards"
+# Settings that change how a build runs or how it is searched, not what it contains: a resume may change them.
+RUNTIME_KEYS = {
+    "encoder": {"batch_size", "batch_tokens", "device", "dtype"},
+    "index": {"ef_search", "nprobe", "rerank", "use_gpu"},
+}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def identity(cfg: BuildConfig) -> dict:
+    """The parts of a config that decide an index's contents (compared when resuming)."""
+    d = asdict(cfg)
+    d.pop("output")
+    for section, keys in RUNTIME_KEYS.items():
+        for k in keys:
+            d[section].pop(k, None)
+    return d
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: folder has {a!r}, config has {b!r}")
+    return out
+
+
+def _check_folder(out: Path, cfg: BuildConfig, overwrite: bool) -> dict | None:
+    """Decide what to do with an existing output folder; return the saved build state when resuming."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    for name in (STATE_FILE, MANIFEST):
+        path = out / name
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8")).get("identity")
+            diff = _differences(saved or {}, identity(cfg))
+            if diff:
+                raise BuildError(
+                    f"{out} holds a build of another config ({'; '.join(diff)}); "
+                    "use another output folder or --overwrite"
+                )
+            return json.loads((out / STATE_FILE).read_text()) if name == STATE_FILE else {"complete": True}
+    raise BuildError(f"{out} exists and is not an index build; use another output folder or --overwrite")
+
+
+def _save_state(out: Path, state: dict) -> None:
+    write_json_atomic(out / STATE_FILE, state)
+
+
+def _write_passages(out: Path, cfg: BuildConfig, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    report = ReadReport()
+    tmp = out / (STORE_FILE + ".tmp")
+    with StoreWriter(tmp) as writer, tqdm(unit="passage", desc="passages", disable=not progress) as bar:
+        for p in iter_passages(cfg.corpus, cfg.passages, report):
+            writer.add([p])
+            bar.update(1)
+    os.replace(tmp, out / STORE_FILE)
+    if report.passages_written == 0:
+        raise BuildError(f"the corpus gave no passages ({asdict(report)}); check corpus.path and corpus.format")
+    return asdict(report)
+
+
+def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
+
+
+def _shard_path(out: Path, i: int) -> Path:
+    return out / SHARDS / f"{i:05d}.npy"
+
+
+def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, device: str | None,
+                   progress: bool) -> str:
+    """Encode this process's shards that are not on disk yet; return the encoder's fingerprint."""
+    from rag.encoders import Encoder
+
+    todo = [i for i in shards if not _shard_path(out, i).is_file()]
+    enc_cfg = cfg.encoder if device is None else type(cfg.encoder)(**{**asdict(cfg.encoder), "device": device})
+    encoder = Encoder.from_config(enc_cfg)
+    store = PassageStore(out / STORE_FILE)
+    ranges = shard_ranges(count, cfg.index.shard_size)
+    for i in todo:
+        start, stop = ranges[i]
+        titles = store.column("title", start, stop)
+        texts = store.column("text", start, stop)
+        vecs = encoder.encode(texts, titles, progress=f"encode shard {i + 1}/{len(ranges)}" if progress else False)
+        path = _shard_path(out, i)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, vecs.astype(cfg.index.vector_dtype))
+        os.replace(tmp, path)  # a shard exists only once it is whole
+    return encoder.fingerprint
+
+
+def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
+    tmp = out / (VECTORS_FILE + ".tmp")
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=cfg.index.vector_dtype, shape=(count, dim))
+    for i, (start, stop) in enumerate(shard_ranges(count, cfg.index.shard_size)):
+        merged[start:stop] = np.load(_shard_path(out, i), mmap_mode="r")
+    merged.flush()
+    del merged
+    os.replace(tmp, out / VECTORS_FILE)
+    shutil.rmtree(out / SHARDS)
+
+
+def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> Path:
+    """Build (or resume, or find already built) the index folder `cfg.output`; return its path."""
+    from accelerate import PartialState
+
+    dist = PartialState()
+    out = Path(cfg.output).expanduser()
+    t0 = time.perf_counter()
+    state = None
+    if dist.is_main_process:
+        state = _check_folder(out, cfg, overwrite)
+        if state and state.get("complete"):
+            log.info("%s is already built with this config", out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            state = state or {"identity": identity(cfg), "stages": {}}
+            _save_state(out, state)
+            save_config(cfg, out / "config.yaml")
+            if "passages" not in state["stages"]:
+                state["stages"]["passages"] = {"report": _write_passages(out, cfg, progress),
+                                               "seconds": time.perf_counter() - t0}
+                _save_state(out, state)
+    dist.wait_for_everyone()
+    if (out / MANIFEST).is_file() and not (out / STATE_FILE).is_file():
+        return out
+    state = json.loads((out / STATE_FILE).read_text())
+    count = len(PassageStore(out / STORE_FILE))
+    if "vectors" not in state["stages"]:
+        t1 = time.perf_counter()
+        n_shards = len(shard_ranges(count, cfg.index.shard_size))
+        mine = np.array_split(np.arange(n_shards), dist.num_processes)[dist.process_index].tolist()
+        device = str(dist.device) if dist.num_processes > 1 and cfg.encoder.device == "auto" else None
+        (out / SHARDS).mkdir(exist_ok=True)
+        fingerprint = _encode_shards(out, cfg, mine, count, device, progress and dist.is_local_main_process)
+        dist.wait_for_everyone()
+        if dist.is_main_process:
+            dim = np.load(_shard_path(out, 0), mmap_mode="r").shape[1]
+            _merge_shards(out, cfg, count, dim)
+            state["stages"]["vectors"] = {"seconds": time.perf_counter() - t1, "fingerprint": fingerprint}
+            _save_state(out, state)
+    if dist.is_main_process:
+        _finish(out, cfg, state, progress)
+    dist.wait_for_everyone()
+    return out
+
+
+def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
+    vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
+    count, dim = vectors.shape
+    if "index" not in state["stages"]:
+        t = time.perf_counter()
+        index, extra = build_faiss(vectors, cfg.index, progress)
+        faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
+        os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
+        state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
+        _save_state(out, state)
+    stages = state["stages"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "count": int(count),
+        "dim": int(dim),
+        "encoder": {
+            "name": cfg.encoder.name,
+            "pooling": cfg.encoder.pooling,
+            "normalize": cfg.encoder.normalize,
+            "max_length": cfg.encoder.max_length,
+            "title": cfg.encoder.title,
+            "fingerprint": stages["vectors"]["fingerprint"],
+        },
+        "index": {**asdict(cfg.index), "factory": factory_string(cfg.index),
+                  "mips_norm2": stages["index"].get("mips_norm2")},
+        "passages": asdict(cfg.passages),
+        "corpus": asdict(cfg.corpus),
+        "identity": state["identity"],
+        "files": {name: file_entry(out / name) for name in (STORE_FILE, VECTORS_FILE, INDEX_FILE)},
+        "build": {
+            **stages["passages"]["report"],
+            "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()},
+        },
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / STATE_FILE).unlink()

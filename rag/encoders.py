@@ -1,0 +1,163 @@
+"""BERT-style encoders with pooling, for BERT_d (frozen, indexes passages) and BERT_q (trainable, encodes questions)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rag.config import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the parameters: two encoders with the same fingerprint give the same vectors."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Encoder(nn.Module):
+    """A transformers encoder with pooling: `forward` is differentiable, `encode` is batched inference."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.pooling == "pooler" and getattr(model, "pooler", None) is None:
+            raise ValueError(f"encoder {cfg.name}: pooling 'pooler' needs a model with a pooler layer")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.fingerprint = weights_fingerprint(model)
+        self.train(model.training)  # follow the wrapped model (eval after from_pretrained), not nn.Module's default
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig) -> Encoder:
+        """Load `cfg.name` (a hub name or a local folder) with `AutoModel` / `AutoTokenizer`."""
+        from transformers import AutoModel, AutoTokenizer
+
+        from rag.models import resolve
+
+        path = resolve(cfg.name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        if hasattr(model, "question_encoder") or hasattr(model, "ctx_encoder"):
+            # DPR checkpoints wrap a BertModel; its pooler output is the DPR embedding.
+            model = getattr(model, "question_encoder", None) or model.ctx_encoder
+            model = getattr(model, "bert_model", model)
+        enc = cls(model, tokenizer, cfg)
+        return enc.place(cfg.device, cfg.dtype)
+
+    def place(self, device: str = "auto", dtype: str = "float32") -> Encoder:
+        dev = resolve_device(device)
+        torch_dtype = _DTYPES[dtype]
+        if dev.type == "cpu" and torch_dtype is not torch.float32:
+            log.warning("encoder dtype %s is for GPUs; using float32 on the CPU", dtype)
+            torch_dtype = torch.float32
+        self.to(device=dev, dtype=torch_dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def _segments(self, texts: Sequence[str], titles: Sequence[str] | None):
+        if titles is None or self.cfg.title == "none":
+            return list(texts), None
+        if self.cfg.title == "prefix":
+            return [f"{t}. {x}" if t else x for t, x in zip(titles, texts, strict=True)], None
+        return list(titles), list(texts)
+
+    def tokenize(self, texts: Sequence[str], titles: Sequence[str] | None = None, padding: bool = True) -> dict:
+        first, second = self._segments(texts, titles)
+        return self.tokenizer(
+            first,
+            second,
+            truncation="only_second" if second is not None else True,
+            max_length=self.cfg.max_length,
+            padding=padding,
+            return_tensors="pt" if padding else None,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """(B, T) token ids -> (B, D) pooled embeddings."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if self.cfg.pooling == "pooler":
+            pooled = out.pooler_output
+        elif self.cfg.pooling == "cls":
+            pooled = out.last_hidden_state[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.cfg.normalize:
+            pooled = nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.float()
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        titles: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        progress: bool | str = False,
+    ) -> np.ndarray:
+        """(N,) texts -> (N, D) float32 vectors, in the input order.
+
+        Sorting by token length before batching leaves almost no padding, so the matmuls do real work only.
+        """
+        batch_size = batch_size or self.cfg.batch_size
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        enc = self.tokenize(texts, titles, padding=False)
+        ids = enc["input_ids"]
+        types = enc.get("token_type_ids")
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")  # longest first: the peak memory shows at once
+        pad = self.tokenizer.pad_token_id or 0
+        bar = tqdm(
+            total=len(texts), unit="passage", disable=not progress, desc=progress if isinstance(progress, str) else None
+        )
+        was_training = self.training
+        self.eval()
+        with torch.inference_mode():
+            start = 0
+            while start < len(order):
+                width = int(lengths[order[start]])
+                rows = order[start : start + max(1, min(batch_size, self.cfg.batch_tokens // width))]
+                start += len(rows)
+                input_ids = np.full((len(rows), width), pad, dtype=np.int64)  # (B, T)
+                mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, T)
+                token_types = np.zeros((len(rows), width), dtype=np.int64) if types is not None else None
+                for r, i in enumerate(rows):
+                    n = lengths[i]
+                    input_ids[r, :n] = ids[i]
+                    mask[r, :n] = 1
+                    if token_types is not None:
+                        token_types[r, :n] = types[i]
+                extra = {"token_type_ids": torch.from_numpy(token_types).to(self.device)} if types is not None else {}
+                vecs = self(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask).to(self.device),
+                            **extra)
+                out[rows] = vecs.cpu().numpy()
+                bar.update(len(rows))
+        bar.close()
+        self.train(was_training)
+        return out

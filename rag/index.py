@@ -1,0 +1,271 @@
+"""The dense index on disk: FAISS index + passage vectors (.npy) + passage store (Arrow) + manifest.json.
+
+Folder layout (see README, "On-disk format"):
+    manifest.json   what was built, with what, file sizes and sha256 checksums, the build report
+    config.yaml     the resolved build config
+    passages.arrow  id, doc_id, title, text (row position = FAISS id)
+    vectors.npy     (N, D) float16 or float32 passage vectors d(z), memory-mapped
+    index.faiss     the FAISS index over the same rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from rag.config import IndexConfig
+from rag.passages import Passage
+from rag.store import PassageStore
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORE_FILE = "passages.arrow"
+VECTORS_FILE = "vectors.npy"
+INDEX_FILE = "index.faiss"
+BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see README)"
+
+
+class IndexFolderError(ValueError):
+    """A missing or inconsistent index folder; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    ids: np.ndarray  # (Q, k) int64 row positions, -1 where fewer than k hits
+    scores: np.ndarray  # (Q, k) float32 inner products d(z)ᵀq(x)
+    vectors: np.ndarray | None = None  # (Q, k, D) float32 stored d(z), on request
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise IndexFolderError(f"{folder} is not a built index folder (no {MANIFEST}); {BUILD_HINT}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise IndexFolderError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rebuild with --overwrite") from None
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("complete") is not True:
+        raise IndexFolderError(f"{path}: an unfinished or foreign build (format {manifest.get('format_version')}); "
+                          f"rerun the build to resume it")
+    return manifest
+
+
+def factory_string(cfg: IndexConfig) -> str:
+    if cfg.type == "flat":
+        return "Flat"
+    if cfg.type == "hnsw":
+        return f"HNSW{cfg.hnsw_m}"
+    return f"IVF{cfg.nlist},PQ{cfg.pq_m}x{cfg.nbits}"
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def max_norm2(vectors: np.ndarray, chunk: int = 100_000) -> float:
+    return max(float(np.einsum("nd,nd->n", c, c).max()) for c in (
+        np.asarray(vectors[s:e], dtype=np.float32) for s, e in _chunks(len(vectors), chunk)))
+
+
+def augment(x: np.ndarray, norm2: float | None) -> np.ndarray:
+    """MIPS as nearest-neighbour search (Bachrach et al. 2014, as in DPR's HNSW indexer): a passage gets an extra
+    coordinate sqrt(M² - |d|²) and a query a 0, so that |q - d|² = |q|² + M² - 2 dᵀq ranks like -dᵀq.
+    HNSW's graph is built for a metric; searched by raw inner product it loses much recall on unnormalised vectors."""
+    x = np.ascontiguousarray(x, dtype=np.float32)  # (N, D)
+    if norm2 is None:
+        return x
+    extra = np.sqrt(np.maximum(norm2 - np.einsum("nd,nd->n", x, x), 0.0))  # (N,)
+    return np.hstack([x, extra[:, None]])  # (N, D+1)
+
+
+def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True,
+                chunk: int = 20_000) -> tuple[faiss.Index, dict]:
+    """A FAISS index for maximum inner product over (N, D) vectors read in chunks (the array may be a memory map).
+
+    Returns the index and what search needs to know about it (`mips_norm2` for HNSW, see `augment`).
+    """
+    n, dim = vectors.shape
+    if cfg.type == "ivfpq":
+        if dim % cfg.pq_m:
+            raise ValueError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
+        if n < cfg.nlist:
+            raise ValueError(f"index.nlist={cfg.nlist} needs at least that many passages (have {n}); lower it")
+    norm2 = max_norm2(vectors) if cfg.type == "hnsw" else None
+    if norm2 is not None:
+        index = faiss.index_factory(dim + 1, factory_string(cfg), faiss.METRIC_L2)
+        index.hnsw.efConstruction = cfg.ef_construction
+    else:
+        index = faiss.index_factory(dim, factory_string(cfg), faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
+        log.info("training %s on %d vectors", factory_string(cfg), len(sample))
+        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+    bar = tqdm(total=n, unit="vec", desc=f"index {cfg.type}", disable=not progress)
+    for start, stop in _chunks(n, chunk):
+        index.add(augment(vectors[start:stop], norm2))
+        bar.update(stop - start)
+    bar.close()
+    return index, {"mips_norm2": norm2}
+
+
+def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
+    if cfg.type == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = cfg.ef_search
+    elif cfg.type == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+
+
+class DenseIndex:
+    """A built index folder opened for search. Opening maps the files; nothing large is read until searched."""
+
+    def __init__(self, folder: str | Path, manifest: dict, index: faiss.Index, vectors: np.ndarray,
+                 store: PassageStore, cfg: IndexConfig, mips_norm2: float | None = None):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.index = index
+        self.vectors = vectors
+        self.store = store
+        self.cfg = cfg
+        self.mips_norm2 = mips_norm2
+
+    @classmethod
+    def load(cls, folder: str | Path, encoder: dict | None = None, verify: bool = False,
+             **overrides) -> DenseIndex:
+        """Open `folder`; check it against its manifest (sizes; sha256 too with `verify`).
+
+        `encoder` (name, pooling, ...) is compared with the encoder the index was built with;
+        `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu).
+        """
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise IndexFolderError(f"index folder {folder} does not exist; {BUILD_HINT}")
+        manifest = read_manifest(folder)
+        for name, entry in manifest["files"].items():
+            path = folder / name
+            if not path.is_file():
+                raise IndexFolderError(f"{path} is missing (listed in {folder / MANIFEST}); rebuild with --overwrite")
+            if path.stat().st_size != entry["bytes"]:
+                raise IndexFolderError(
+                    f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}")
+            if verify and sha256_file(path) != entry["sha256"]:
+                raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
+        if encoder is not None:
+            built = manifest["encoder"]
+            diff = {k: (built.get(k), v) for k, v in encoder.items() if k in built and built.get(k) != v}
+            if diff:
+                said = "; ".join(f"{k}: index has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
+                raise IndexFolderError(f"{folder / MANIFEST}: encoder mismatch ({said}); rebuild the index with this "
+                                  f"encoder or use the one it was built with")
+        known = set(IndexConfig.__dataclass_fields__)
+        params = {k: v for k, v in manifest["index"].items() if k in known}
+        params.update(overrides)
+        cfg = IndexConfig(**params)
+        count, dim = manifest["count"], manifest["dim"]
+
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+        if vectors.shape != (count, dim):
+            raise IndexFolderError(f"{folder / VECTORS_FILE}: shape {vectors.shape}, manifest says ({count}, {dim})")
+        store = PassageStore(folder / STORE_FILE)
+        if len(store) != count:
+            raise IndexFolderError(f"{folder / STORE_FILE}: {len(store)} rows, manifest says {count}")
+        # Memory-map the index codes (flat and HNSW storage) so that opening costs no resident memory.
+        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        norm2 = manifest["index"].get("mips_norm2")
+        if index.ntotal != count or index.d != dim + (norm2 is not None):
+            raise IndexFolderError(f"{folder / INDEX_FILE}: {index.ntotal} vectors of dimension {index.d}, "
+                                   f"manifest says {count} of {dim}")
+        set_search_params(index, cfg)
+        if cfg.use_gpu:
+            index = _to_gpu(index, cfg)
+        return cls(folder, manifest, index, vectors, store, cfg, norm2)
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def search(self, queries: np.ndarray, k: int, return_vectors: bool = False) -> SearchResult:
+        """Top-k maximum inner product search for (Q, D) query vectors."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
+        k = min(k, len(self))
+        fetch = max(k, self.cfg.rerank) if self.cfg.type != "flat" else k
+        if self.mips_norm2 is None:
+            scores, ids = self.index.search(queries, fetch)  # (Q, fetch)
+        else:
+            dist, ids = self.index.search(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]), fetch)
+            scores = (np.einsum("qd,qd->q", queries, queries)[:, None] + self.mips_norm2 - dist) / 2  # see augment
+        vecs = None
+        if fetch > k or return_vectors:
+            vecs = self.gather(ids)  # (Q, fetch, D)
+        if fetch > k:
+            # Exact re-rank of the approximate candidates from the stored vectors.
+            exact = np.einsum("qkd,qd->qk", vecs, queries)  # (Q, fetch)
+            exact[ids < 0] = -np.inf
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :k]  # (Q, k)
+            ids = np.take_along_axis(ids, top, 1)
+            scores = np.take_along_axis(exact, top, 1)
+            vecs = np.take_along_axis(vecs, top[:, :, None], 1)  # (Q, k, D)
+        return SearchResult(ids=ids.astype(np.int64), scores=scores.astype(np.float32),
+                            vectors=vecs if return_vectors else None)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors for (Q, k) row positions as (Q, k, D) float32; zeros where the id is -1."""
+        flat = ids.reshape(-1)
+        valid = flat >= 0
+        out = np.zeros((flat.size, self.vectors.shape[1]), dtype=np.float32)
+        uniq, inverse = np.unique(flat[valid], return_inverse=True)  # sorted reads from the memory map
+        out[valid] = np.asarray(self.vectors[uniq], dtype=np.float32)[inverse]
+        return out.reshape(*ids.shape, -1)
+
+    def passages(self, ids) -> list[Passage | None]:
+        """Passages (id, doc_id, title, text) at row positions; None for -1."""
+        return self.store.rows(ids)
+
+
+def _to_gpu(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        log.warning("index.use_gpu is set but this faiss build has no GPU (install the 'gpu' extra); searching on CPU")
+        return index
+    if cfg.type == "hnsw":
+        log.warning("faiss has no GPU HNSW; searching on CPU")
+        return index
+    res = faiss.StandardGpuResources()
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = True
+    gpu = faiss.index_cpu_to_gpu(res, 0, index, co)
+    gpu.referenced_resources = res  # keep the resources alive as long as the index
+    return gpu

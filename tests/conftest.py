@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random BERT encoders with a WordPiece vocabulary written here, and small corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from the tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ["the", "a", "of", "and", "in", "is", "was", "to", "by", "for", "on", "with", "as", "at", "from", "his", "her", "it", "its", "that", "which", "were", "are", "this", "paris", "france", "capital", "city", "river", "seine", "tower", "eiffel", "london", "england", "thames", "queen", "king", "bridge", "berlin", "germany", "wall", "music", "composer", "piano", "symphony", "mozart", "vienna", "beethoven", "moon", "apollo", "nasa", "rocket", "armstrong", "astronaut", "planet", "mars", "jupiter", "saturn", "ocean", "atlantic", "pacific", "island", "whale", "shark", "fish", "coral", "reef", "novel", "author", "austen", "pride", "prejudice", "wrote", "book", "published", "year", "war", "peace", "tolstoy", "russia", "football", "goal", "team", "world", "cup", "player", "one", "two", "three", "four", "five", "six", "seven"]
+
+
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BERT and a WordPiece tokenizer over WORDS, saved like a hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "'", "-", ":"]
+    vocab += sorted(set(WORDS)) + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab += list("abcdefghijklmnopqrstuvwxyz0123456789")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    wordpiece = Tokenizer(WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wordpiece.normalizer = BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = BertPreTokenizer()
+    wordpiece.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128,
+    )
+    BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def other_bert(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("models") / "other-bert", seed=1)
+
+
+DOCS = [
+    {"id": "paris", "title": "Paris", "text": "Paris is the capital of France. The Seine river and the Eiffel tower are in the city."},
+    {"id": "london", "title": "London", "text": "London is the capital of England. The Thames river and the tower bridge are in it."},
+    {"id": "berlin", "title": "Berlin", "text": "Berlin is the capital of Germany. The wall was in the city."},
+    {"id": "mozart", "title": "Mozart", "text": "Mozart was a composer of music in Vienna. He wrote piano music and a symphony."},
+    {"id": "apollo", "title": "Apollo", "text": "Apollo was the nasa rocket to the moon. Armstrong was an astronaut on the moon."},
+    {"id": "austen", "title": "Pride and Prejudice", "text": "Pride and Prejudice is a novel. Austen wrote the book."},
+    {"id": "ocean", "title": "Pacific", "text": "The Pacific is an ocean with whale and shark and fish and coral reef."},
+]
+
+
+def long_docs(n: int, words: int = 230, seed: int = 0) -> list[dict]:
+    """n generated documents long enough to give several overlapping passages each."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {"id": f"doc{i}", "title": f"doc {i}", "text": " ".join(rng.choice(WORDS) for _ in range(words + i % 50))}
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", DOCS)

@@ -1,0 +1,43 @@
+import pytest
+
+from rag.config import BuildConfig, ConfigError, load_config, save_config
+
+
+def test_defaults_and_changes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output: out\npassages:\n  words: 50\n  stride: 40\n")
+    cfg = load_config(BuildConfig, path)
+    assert cfg.output == "out" and cfg.passages.words == 50 and cfg.passages.stride == 40
+    assert cfg.encoder.pooling == "mean"  # untouched default
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("passages:\n  wrods: 50\n")
+    with pytest.raises(ConfigError, match=r"passages: unknown key\(s\) wrods"):
+        load_config(BuildConfig, path)
+
+
+def test_overrides_parse_yaml_and_check_types():
+    cfg = load_config(BuildConfig, None, ["index.type=hnsw", "index.hnsw_m=16", "encoder.normalize=false"])
+    assert cfg.index.type == "hnsw" and cfg.index.hnsw_m == 16 and cfg.encoder.normalize is False
+    with pytest.raises(ConfigError, match="index.type"):
+        load_config(BuildConfig, None, ["index.type=annoy"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(BuildConfig, None, ["index.nlist=many"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(BuildConfig, None, ["index.nlist"])
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(BuildConfig, None, ["corpus.path=x.jsonl", "index.rerank=50"])
+    save_config(cfg, tmp_path / "r.yaml")
+    assert load_config(BuildConfig, tmp_path / "r.yaml") == cfg
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(BuildConfig, tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(BuildConfig, tmp_path / "bad.yaml")
