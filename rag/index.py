@@ -66,6 +66,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
+    if not path.is_file() and (folder / "build.json").is_file():
+        raise IndexFolderError(f"{folder} holds an unfinished build; rerun the same build command to resume it")
     if not path.is_file():
         raise IndexFolderError(f"{folder} is not a built index folder (no {MANIFEST}); {BUILD_HINT}")
     try:
