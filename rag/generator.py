@@ -1,0 +1,241 @@
+"""Generators behind one interface: sequence-to-sequence (BART, T5) and decoder-only causal LMs (Llama, GPT-2).
+
+Both take B questions with K passages each as B*K context rows (row = b*K + k) and give
+- `teacher_force(ctx, rows, targets)`: logits (N, T, V) for target tokens (N, T) under context rows (N,);
+- `begin(ctx, rows)` / `advance(state, tokens)` / `reorder(state, index)`: incremental decoding with a key/value
+  cache, returning next-token logits (N, V).
+Targets are answer token ids without a start token, ending with EOS, padded with `pad_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rag.config import GeneratorConfig
+from rag.passages import Passage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Contexts:
+    """Tokenised context rows and, for seq2seq, the encoder output computed once for all of them."""
+
+    input_ids: torch.Tensor  # (R, S)
+    attention_mask: torch.Tensor  # (R, S)
+    encoder_out: torch.Tensor | None = None  # (R, S, H)
+
+
+@dataclass
+class DecodeState:
+    rows: torch.Tensor  # (N,) context row of each decoding row
+    cache: Any
+    attention_mask: torch.Tensor | None = None  # causal: (N, S + steps)
+    positions: torch.Tensor | None = None  # causal: (N,) next position id
+    extra: dict = field(default_factory=dict)
+
+
+def _clean_title(title: str) -> str:
+    return title[1:-1] if len(title) > 1 and title[0] == title[-1] == '"' else title
+
+
+class Generator(nn.Module):
+    """Common parts; subclasses fill in how contexts are built and decoded."""
+
+    is_seq2seq: bool
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: GeneratorConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.train(model.training)
+        if tokenizer.pad_token_id is None:
+            # GPT-2 style tokenizers have no pad token: padding positions are masked, so EOS serves.
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = int(tokenizer.pad_token_id)
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+            else tokenizer.eos_token_id
+        self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        self.eos_id = self.eos_ids[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def target_ids(self, answers: list[str]) -> torch.Tensor:
+        """Answers -> (N, T) token ids ending with EOS, padded with pad_id."""
+        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
+               + [self.eos_id] for a in answers]
+        width = max(len(x) for x in ids)
+        out = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        for i, x in enumerate(ids):
+            out[i, : len(x)] = torch.tensor(x)
+        return out.to(self.device)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.eos_ids and i != self.pad_id],
+                                     skip_special_tokens=True).strip()
+
+
+class Seq2SeqGenerator(Generator):
+    """BART / T5: input "title / text // question" (the paper's format), truncated to `max_context_length` tokens."""
+
+    is_seq2seq = True
+
+    def __init__(self, model, tokenizer, cfg):
+        super().__init__(model, tokenizer, cfg)
+        self.start_id = int(model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None
+                            else self.pad_id)
+
+    def context_texts(self, questions: list[str], passages: list[list[Passage]]) -> list[str]:
+        prefix = getattr(self.model.config, "prefix", None) or ""
+        return [(prefix + _clean_title(p.title) + " / " + p.text + " // " + q).replace("  ", " ")
+                for q, ps in zip(questions, passages, strict=True) for p in ps]
+
+    def prepare(self, questions: list[str], passages: list[list[Passage]]) -> Contexts:
+        enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
+                             truncation=True, padding=True, return_tensors="pt").to(self.device)
+        return Contexts(enc["input_ids"], enc["attention_mask"])
+
+    def encode(self, ctx: Contexts) -> torch.Tensor:
+        """The encoder runs once per context row; every beam and hypothesis reuses its output."""
+        if ctx.encoder_out is None:
+            ctx.encoder_out = self.model.get_encoder()(input_ids=ctx.input_ids,
+                                                       attention_mask=ctx.attention_mask).last_hidden_state
+        return ctx.encoder_out
+
+    def _decoder(self, ctx: Contexts, rows: torch.Tensor, decoder_input_ids: torch.Tensor, cache=None,
+                 use_cache: bool = False):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.encode(ctx)
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[rows]),
+                          attention_mask=ctx.attention_mask[rows], decoder_input_ids=decoder_input_ids,
+                          past_key_values=cache, use_cache=use_cache)
+
+    def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=targets.device)
+        decoder_in = torch.cat([start, targets[:, :-1]], 1)  # (N, T): shift right
+        return self._decoder(ctx, rows, decoder_in).logits  # (N, T, V)
+
+    def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
+        start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
+        out = self._decoder(ctx, rows, start, use_cache=True)
+        return DecodeState(rows=rows, cache=out.past_key_values, extra={"ctx": ctx}), out.logits[:, -1]
+
+    def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        out = self._decoder(state.extra["ctx"], state.rows, tokens[:, None], cache=state.cache, use_cache=True)
+        state.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
+        """Select decoding rows. Rows moved by `index` keep their context row, so the cross-attention cache
+        (a function of the context alone) is left as it is: only the self-attention cache is gathered."""
+        if not torch.equal(state.rows[index], state.rows):
+            raise ValueError("reorder must keep every row on its own context")
+        cache = state.cache
+        self_cache = getattr(cache, "self_attention_cache", cache)
+        self_cache.reorder_cache(index)
+
+
+class CausalGenerator(Generator):
+    """Decoder-only LMs: passage and question in a prompt (the chat template where the tokenizer has one)."""
+
+    is_seq2seq = False
+
+    def __init__(self, model, tokenizer, cfg):
+        super().__init__(model, tokenizer, cfg)
+        self.use_chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
+        if cfg.chat_template and not self.use_chat:
+            log.warning("tokenizer of %s has no chat template; using the plain prompt template", cfg.name)
+
+    def prompt(self, question: str, passage: Passage | None) -> str:
+        if passage is None:
+            user = self.cfg.closed_book_template.format(question=question)
+        else:
+            text = self.tokenizer.convert_tokens_to_string(
+                self.tokenizer.tokenize(passage.text)[: self.cfg.max_context_length])
+            user = self.cfg.prompt_template.format(title=_clean_title(passage.title), text=text, question=question)
+        if not self.use_chat:
+            return user
+        messages = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else [])
+        messages.append({"role": "user", "content": user})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
+        texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        ids = [self.tokenizer(t, add_special_tokens=not self.use_chat)["input_ids"] for t in texts]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding: every prompt ends where the answer starts
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        return Contexts(input_ids.to(self.device), mask.to(self.device))
+
+    def _forward(self, input_ids, mask, positions, cache=None):
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=cache is not None or None)
+
+    def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        prompt, pmask = ctx.input_ids[rows], ctx.attention_mask[rows]
+        ids = torch.cat([prompt, targets], 1)  # (N, S + T)
+        mask = torch.cat([pmask, torch.ones_like(targets)], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions).logits  # (N, S + T, V)
+        s = prompt.shape[1]
+        return logits[:, s - 1 : s - 1 + targets.shape[1]]  # position i predicts token i + 1
+
+    def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
+        from transformers import DynamicCache
+
+        mask = ctx.attention_mask[rows]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(ctx.input_ids[rows], mask, positions, cache)
+        state = DecodeState(rows=rows, cache=out.past_key_values, attention_mask=mask,
+                            positions=positions[:, -1] + 1)
+        return state, out.logits[:, -1]
+
+    def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], 1)
+        out = self._forward(tokens[:, None], state.attention_mask, state.positions[:, None], state.cache)
+        state.cache = out.past_key_values
+        state.positions = state.positions + 1
+        return out.logits[:, -1]
+
+    def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
+        state.cache.reorder_cache(index)
+        state.attention_mask = state.attention_mask[index]
+        state.positions = state.positions[index]
+        state.rows = state.rows[index]
+
+
+def load_generator(cfg: GeneratorConfig) -> Generator:
+    """Load `cfg.name` (hub name, folder, or an offline package's GGUF, see rag.models) as the right family."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from rag.models import load_causal_lm, resolve
+
+    path = resolve(cfg.name)
+    if cfg.family == "causal" or (cfg.family == "auto" and not AutoConfig.from_pretrained(path).is_encoder_decoder):
+        model, tokenizer = load_causal_lm(cfg.name)
+        if model is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        gen = CausalGenerator(model.eval(), tokenizer, cfg)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+        gen = Seq2SeqGenerator(model.eval(), tokenizer, cfg)
+    return gen

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from rag import decoding
+from rag.config import DecodingConfig
+from rag.generator import Contexts
+from rag.marginal import doc_logprobs
+from tests.hf_rag import hf_rag, random_contexts, tiny_seq2seq_generator
+
+B, K, NEW = 2, 3, 8
+
+
+def strip(row: list[int]) -> tuple[int, ...]:
+    """A transformers output row -> generated tokens: drop the decoder start, cut after EOS."""
+    row = row[1:]
+    return tuple(row[: row.index(2) + 1] if 2 in row else row)
+
+
+@pytest.fixture(scope="module", params=[0.0, 3.0], ids=["rare-eos", "early-eos"])
+def setup(request):
+    """A tiny random BART; with a bias on EOS, hypotheses finish at different steps (exercising the finishing
+    and early-stop rules of beam search)."""
+    gen = tiny_seq2seq_generator()
+    gen.model.final_logits_bias[0, 2] = request.param
+    ids, mask, doc_scores = random_contexts(B, K)
+    return gen, ids, mask, doc_scores
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_rag_token_matches_transformers(setup, beams):
+    gen, ids, mask, doc_scores = setup
+    rag = hf_rag(gen.model, "token", K)
+    with torch.no_grad():
+        expected = rag.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores, n_docs=K,
+                                num_beams=beams, max_length=NEW + 1, num_return_sequences=1)
+    cfg = DecodingConfig(num_beams=beams, max_new_tokens=NEW)
+    ours = decoding.rag_token(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
+    assert [h[0].tokens for h in ours] == [strip(r) for r in expected.tolist()]
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_rag_sequence_thorough_matches_transformers(setup, beams):
+    gen, ids, mask, doc_scores = setup
+    rag = hf_rag(gen.model, "sequence", K)
+    # min_new_tokens=2: transformers adds log p(z|x) at the second target position, so it drops the passage prior
+    # for a one-token answer (EOS alone) and overrates it; eq. 1, which we follow, has no such case.
+    with torch.no_grad():
+        expected = rag.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=doc_scores, n_docs=K,
+                                num_beams=beams, max_length=NEW + 1, num_return_sequences=1, min_new_tokens=2)
+    cfg = DecodingConfig(num_beams=beams, max_new_tokens=NEW, min_new_tokens=2)
+    ours = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
+    assert [h[0].tokens for h in ours] == [strip(r) for r in expected.tolist()]
+
+
+def test_beam_search_of_one_passage_matches_plain_generate(setup):
+    gen, ids, mask, _ = setup
+    with torch.no_grad():
+        expected = gen.model.generate(input_ids=ids, attention_mask=mask, num_beams=4, num_return_sequences=4,
+                                      max_length=NEW + 1, length_penalty=0.5)
+    cfg = DecodingConfig(num_beams=4, max_new_tokens=NEW, num_return_sequences=4, length_penalty=0.5)
+    ours = decoding.search(decoding.RowStepper(gen, Contexts(ids, mask), torch.arange(B * K), 4), B * K, cfg, gen)
+    assert [h.tokens for hs in ours for h in hs] == [strip(r) for r in expected.tolist()]
+
+
+def test_fast_decoding_scores_only_from_own_beams(setup):
+    gen, ids, mask, doc_scores = setup
+    cfg = DecodingConfig(num_beams=2, max_new_tokens=NEW, sequence_decoding="fast", num_return_sequences=3)
+    fast = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
+    thorough = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores),
+                                     DecodingConfig(num_beams=2, max_new_tokens=NEW, num_return_sequences=3))
+    for f, t in zip(fast, thorough, strict=True):
+        t_scores = {h.tokens: h.score for h in t}
+        for h in f:  # a lower bound on the thorough marginal: passages whose beams missed y count 0
+            if h.tokens in t_scores:
+                assert h.score <= t_scores[h.tokens] + 1e-4
+
+
+def test_min_new_tokens_and_length_limit(setup):
+    gen, ids, mask, doc_scores = setup
+    cfg = DecodingConfig(num_beams=1, max_new_tokens=5, min_new_tokens=4)
+    for h in decoding.rag_token(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg):
+        assert 4 <= len(h[0].tokens) <= 5 and 2 not in h[0].tokens[:4]
