@@ -203,3 +203,17 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class RagConfig:
+    """The query side: which index, BERT_q, generator, and how to decode."""
+
+    # An index folder; when it is missing and `build` names an index config, the first use builds it.
+    index: str = "~/.cache/rag/indexes/demo"
+    build: str | None = None
+    query_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    mode: Literal["sequence", "token"] = "token"
+    n_docs: int = 5

@@ -28,7 +28,8 @@ class Contexts:
 
     input_ids: torch.Tensor  # (R, S)
     attention_mask: torch.Tensor  # (R, S)
-    encoder_out: torch.Tensor | None = None  # (R, S, H)
+    # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
+    encoder_out: Any = None
 
 
 @dataclass
@@ -187,25 +188,40 @@ class CausalGenerator(Generator):
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                           use_cache=cache is not None or None)
 
-    def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        prompt, pmask = ctx.input_ids[rows], ctx.attention_mask[rows]
-        ids = torch.cat([prompt, targets], 1)  # (N, S + T)
-        mask = torch.cat([pmask, torch.ones_like(targets)], 1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = self._forward(ids, mask, positions).logits  # (N, S + T, V)
-        s = prompt.shape[1]
-        return logits[:, s - 1 : s - 1 + targets.shape[1]]  # position i predicts token i + 1
+    def _prefix(self, ctx: Contexts) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Key/value cache and last-position logits of every prompt, computed once per context row and reused by
+        every decoding row and every scored hypothesis (the decoder-only analogue of the encoder output)."""
+        if ctx.encoder_out is None:
+            from transformers import DynamicCache
 
-    def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
+            positions = (ctx.attention_mask.cumsum(1) - 1).clamp(min=0)
+            out = self._forward(ctx.input_ids, ctx.attention_mask, positions, DynamicCache())
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            ctx.encoder_out = (kv, out.logits[:, -1])
+        return ctx.encoder_out
+
+    def _cache_for(self, ctx: Contexts, rows: torch.Tensor):
         from transformers import DynamicCache
 
+        kv, _ = self._prefix(ctx)
+        return DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in kv])
+
+    def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        _, last = self._prefix(ctx)
+        if targets.shape[1] == 1:
+            return last[rows][:, None]
+        mask = torch.cat([ctx.attention_mask[rows], torch.ones_like(targets)], 1)  # (N, S + T)
+        start = ctx.attention_mask[rows].sum(1, keepdim=True)  # (N, 1) first answer position
+        positions = start + torch.arange(targets.shape[1], device=targets.device)[None, :]
+        logits = self._forward(targets[:, :-1], mask[:, :-1], positions[:, :-1], self._cache_for(ctx, rows)).logits
+        return torch.cat([last[rows][:, None], logits], 1)  # (N, T, V): the prompt's last logits predict token 0
+
+    def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
+        _, last = self._prefix(ctx)
         mask = ctx.attention_mask[rows]
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self._forward(ctx.input_ids[rows], mask, positions, cache)
-        state = DecodeState(rows=rows, cache=out.past_key_values, attention_mask=mask,
-                            positions=positions[:, -1] + 1)
-        return state, out.logits[:, -1]
+        state = DecodeState(rows=rows, cache=self._cache_for(ctx, rows), attention_mask=mask,
+                            positions=mask.sum(1))
+        return state, last[rows]
 
     def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], 1)

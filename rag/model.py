@@ -1,0 +1,90 @@
+"""The RAG model: retriever + generator, the marginal likelihood loss, and decoding in both modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rag import decoding, marginal
+from rag.config import DecodingConfig
+from rag.generator import Contexts, Generator
+from rag.retriever import Retrieved, Retriever
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One question's decoding result with what explains it."""
+
+    tokens: tuple[int, ...]
+    text: str
+    score: float  # log p(y|x) (RAG-sequence) or Σ_t log p(y_t|x,y_<t) (RAG-token); beam-ranking score
+    doc_scores: tuple[float, ...]  # (K,) d(z)ᵀq(x)
+    prior: tuple[float, ...]  # (K,) p(z|x)
+    posterior: tuple[float, ...]  # (K,) p(z|x,y)
+    token_posteriors: tuple[tuple[float, ...], ...]  # (T, K) p(z|x,y_<=t): which passage produced each token
+
+
+class RagModel(nn.Module):
+    def __init__(self, retriever: Retriever, generator: Generator):
+        super().__init__()
+        self.retriever = retriever
+        self.generator = generator
+
+    def contexts(self, questions: list[str], retrieved: Retrieved) -> Contexts:
+        return self.generator.prepare(questions, retrieved.passages)
+
+    def target_logprobs(self, ctx: Contexts, targets: torch.Tensor, K: int, full: bool = False):
+        """(B, T) targets under each of the K context rows per question -> (B, K, T) log-probs (+ vocab sums)."""
+        B, T = targets.shape
+        rows = torch.arange(B * K, device=targets.device)
+        logits = self.generator.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (B·K, T, V)
+        lp, vocab_sum = marginal.gather_target_logprobs(logits, targets.repeat_interleave(K, 0))
+        full_lp = torch.log_softmax(logits.float(), -1).view(B, K, T, -1) if full else None
+        return lp.view(B, K, T), vocab_sum.view(B, K, T), full_lp
+
+    def loss(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
+             smoothing: float = 0.0) -> torch.Tensor:
+        """Negative marginal log-likelihood per question (B,); gradient reaches BERT_q through the doc scores."""
+        retrieved = self.retriever(questions, n_docs)
+        K = retrieved.doc_scores.shape[1]
+        targets = self.generator.target_ids(answers)  # (B, T)
+        mask = (targets != self.generator.pad_id).float()
+        mask[:, 0] = 1.0  # a pad id that is also EOS (GPT-2) still counts at position 0
+        ctx = self.contexts(questions, retrieved)
+        lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, full=mode == "token" and smoothing > 0)
+        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
+        if mode == "sequence":
+            return marginal.rag_sequence_loss(lp, doc_lp, mask, smoothing, vocab_sum, self.generator.vocab_size)
+        return marginal.rag_token_loss(lp, doc_lp, mask, smoothing, full)
+
+    @torch.inference_mode()
+    def generate(self, questions: list[str], mode: str, cfg: DecodingConfig, n_docs: int,
+                 retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:
+        retrieved = retrieved or self.retriever(questions, n_docs)
+        ctx = self.contexts(questions, retrieved)
+        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
+        run = decoding.rag_token if mode == "token" else decoding.rag_sequence
+        hyps = run(self.generator, ctx, doc_lp, cfg)
+        out = [[self._explain(ctx, doc_lp, retrieved, b, h) for h in hs] for b, hs in enumerate(hyps)]
+        return retrieved, out
+
+    def _explain(self, ctx: Contexts, doc_lp: torch.Tensor, retrieved: Retrieved, b: int,
+                 hyp: decoding.Hypothesis) -> Generated:
+        """Posteriors of one answer: a teacher-forced pass of its tokens under its question's K passages."""
+        K = doc_lp.shape[1]
+        tokens = list(hyp.tokens) or [self.generator.eos_id]
+        target = torch.tensor([tokens], device=doc_lp.device)
+        rows = b * K + torch.arange(K, device=doc_lp.device)
+        logits = self.generator.teacher_force(ctx, rows, target.expand(K, -1))  # (K, T, V)
+        lp, _ = marginal.gather_target_logprobs(logits, target.expand(K, -1))
+        lp = lp[None]  # (1, K, T)
+        mask = torch.ones(1, len(tokens), device=doc_lp.device)
+        post = marginal.sequence_posteriors(lp, doc_lp[b : b + 1], mask)[0]
+        tok_post = marginal.token_posteriors(lp, doc_lp[b : b + 1])[0].T  # (T, K)
+        return Generated(
+            tokens=tuple(hyp.tokens), text=self.generator.decode(list(hyp.tokens)), score=hyp.score,
+            doc_scores=tuple(retrieved.doc_scores[b].tolist()), prior=tuple(doc_lp[b].exp().tolist()),
+            posterior=tuple(post.tolist()), token_posteriors=tuple(tuple(r) for r in tok_post.tolist()),
+        )

@@ -1,0 +1,70 @@
+"""The retriever: BERT_q encodes questions, the dense index returns the top-k passages, and the doc scores
+d(z)ᵀq(x) are recomputed from the stored passage vectors so that they are differentiable in BERT_q."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rag.encoders import Encoder
+from rag.index import DenseIndex
+from rag.passages import Passage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    ids: np.ndarray  # (B, K) row positions in the index
+    doc_scores: torch.Tensor  # (B, K) d(z)ᵀq(x), differentiable in BERT_q when gradients are on
+    passages: list[list[Passage]]  # (B, K)
+
+
+def check_questions(questions) -> list[str]:
+    if isinstance(questions, str):
+        questions = [questions]
+    out = []
+    for q in questions:
+        if not isinstance(q, str):
+            raise TypeError(f"a question must be a string, got {type(q).__name__}")
+        if not q.strip():
+            raise ValueError("the question is empty; ask something")
+        out.append(q.strip())
+    return out
+
+
+class Retriever(nn.Module):
+    def __init__(self, encoder: Encoder, index: DenseIndex):
+        super().__init__()
+        self.encoder = encoder
+        self.index = index
+        self._warned_long = False
+
+    def encode(self, questions: list[str]) -> torch.Tensor:
+        """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
+        limit = self.encoder.cfg.max_length
+        if not self._warned_long:
+            lengths = [len(x) for x in self.encoder.tokenizer(questions)["input_ids"]]
+            if max(lengths) > limit:
+                log.warning("a question of %d tokens was truncated to the query encoder's limit of %d",
+                            max(lengths), limit)
+                self._warned_long = True
+        enc = self.encoder.tokenize(questions)
+        enc = {k: v.to(self.encoder.device) for k, v in enc.items()}
+        return self.encoder(**enc)
+
+    def forward(self, questions: list[str], k: int) -> Retrieved:
+        q = self.encode(questions)  # (B, D)
+        if k > len(self.index):
+            log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(self.index),
+                        len(self.index))
+            k = len(self.index)
+        hits = self.index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
+        d = torch.from_numpy(hits.vectors).to(q.device, q.dtype)  # (B, K, D)
+        doc_scores = torch.einsum("bkd,bd->bk", d, q)  # (B, K)
+        passages = [self.index.passages(row) for row in hits.ids]
+        return Retrieved(hits.ids, doc_scores, passages)
