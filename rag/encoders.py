@@ -98,6 +98,21 @@ class Encoder(nn.Module):
             return_tensors="pt" if padding else None,
         )
 
+    def _token_arrays(self, texts, titles, chunk: int = 4096):
+        """Token ids (and type ids) per text as small int32 arrays: the tokenizer's own per-text objects are
+        dropped chunk by chunk, which keeps a 50k-passage shard to tens of MB instead of a GB."""
+        ids: list[np.ndarray] = []
+        types: list[np.ndarray] | None = []
+        for s in range(0, len(texts), chunk):
+            enc = self.tokenize(texts[s : s + chunk], None if titles is None else titles[s : s + chunk],
+                                padding=False)
+            ids += [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+            if "token_type_ids" in enc and types is not None:
+                types += [np.asarray(x, dtype=np.int32) for x in enc["token_type_ids"]]
+            else:
+                types = None
+        return ids, types
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         """(B, T) token ids -> (B, D) pooled embeddings."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
@@ -127,9 +142,7 @@ class Encoder(nn.Module):
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        enc = self.tokenize(texts, titles, padding=False)
-        ids = enc["input_ids"]
-        types = enc.get("token_type_ids")
+        ids, types = self._token_arrays(texts, titles)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")  # longest first: the peak memory shows at once
         pad = self.tokenizer.pad_token_id or 0

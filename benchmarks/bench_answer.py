@@ -1,0 +1,72 @@
+"""Latency and memory of the embedded default: a cold `rag ask` (process start to printed answer) and warm
+`answer()` calls, index already built.
+
+    python benchmarks/bench_answer.py [--questions 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks.common import machine, matmul_gflops, rss_mib, table
+
+QUESTIONS = [
+    "Who wrote Pride and Prejudice?", "What is the capital of France?", "Who painted the Mona Lisa?",
+    "When did the first man land on the moon?", "What is the largest planet in the solar system?",
+    "Who developed the theory of relativity?", "What language is spoken in Brazil?",
+    "Which ocean is the largest?", "Who composed the Magic Flute?", "What is the chemical symbol for gold?",
+    "Who was the first president of the United States?", "Where is the Eiffel Tower?",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=10)
+    ap.add_argument("--config", default="configs/rag/demo.yaml")
+    args = ap.parse_args()
+    rate = matmul_gflops()
+
+    t = time.perf_counter()
+    cold = subprocess.run([sys.executable, "-m", "rag", "ask", QUESTIONS[0], "--config", args.config, "--json"],
+                          capture_output=True, text=True, check=True)
+    cold_s = time.perf_counter() - t
+    cold_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    cold_answer = json.loads(cold.stdout)["text"]
+
+    from rag.pipeline import RagPipeline
+
+    t = time.perf_counter()
+    pipe = RagPipeline.from_config(args.config)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    pipe.answer(QUESTIONS[0])
+    first_s = time.perf_counter() - t
+    times, answers = [], []
+    for q in QUESTIONS[1 : args.questions + 1]:
+        t = time.perf_counter()
+        answers.append((q, pipe.answer(q).text))
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"machine: {machine()}; fp32 matmul {rate:.1f} GFLOP/s; config {args.config}")
+    print(table([
+        {"what": "cold `rag ask` (process start to printed answer)", "seconds": cold_s, "peak MiB": cold_peak,
+         "limit": "<= 30 s, <= 2560 MiB"},
+        {"what": "RagPipeline.from_config (models + index)", "seconds": load_s, "peak MiB": rss_mib(), "limit": ""},
+        {"what": "first answer() in the process", "seconds": first_s, "peak MiB": peak, "limit": ""},
+        {"what": f"warm answer(), median of {len(times)}", "seconds": statistics.median(times), "peak MiB": peak,
+         "limit": "<= 4 s"},
+        {"what": "warm answer(), max", "seconds": max(times), "peak MiB": peak, "limit": ""},
+    ]))
+    print(f"\ncold answer: {cold_answer!r}")
+    for q, a in answers:
+        print(f"- {q} -> {a}")
+
+
+if __name__ == "__main__":
+    main()
