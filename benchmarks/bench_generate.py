@@ -85,7 +85,7 @@ def main() -> None:
                      "speed-up": t_theirs / t_ours, "same tokens": same})
         if mode == "sequence":
             fast_cfg = DecodingConfig(num_beams=beams, max_new_tokens=L, min_new_tokens=L, sequence_decoding="fast")
-            _, t_fast = timed(lambda ids=ids, mask=mask, scores=scores: decoding.rag_sequence(
+            _, t_fast = timed(lambda ids=ids, mask=mask, scores=scores, fast_cfg=fast_cfg: decoding.rag_sequence(
                 gen, Contexts(ids, mask), doc_logprobs(scores), fast_cfg))
             rows.append({"decoding": "RAG-sequence fast beam 4 (vs their thorough)", "batch": B,
                          "transformers s/q": t_theirs / B, "ours s/q": t_fast / B, "speed-up": t_theirs / t_fast,

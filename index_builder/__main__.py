@@ -12,6 +12,8 @@ examples:
   python -m index_builder build --config configs/index/demo.yaml
   python -m index_builder build --config configs/index/demo.yaml --set index.type=hnsw --set output=/tmp/demo-hnsw
   accelerate launch -m index_builder build --config configs/index/wikipedia-dpr.yaml   # one shard block per GPU
+  python -m index_builder update --index ~/.cache/rag/indexes/demo --add new.jsonl --delete gone.txt
+  python -m index_builder compact ~/.cache/rag/indexes/demo
   python -m index_builder verify ~/.cache/rag/indexes/demo
 
 config keys (YAML, only what differs from the defaults; --set takes the same dotted keys):
@@ -52,6 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     b.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    u = sub.add_parser("update", help="add, replace or delete documents as a new generation of the folder",
+                       description="Add, replace and delete documents in a built index (keyed by document id). "
+                                   "Only new passages are encoded; the previous generation stays current until "
+                                   "the new one is complete.")
+    u.add_argument("--index", required=True, help="the index folder")
+    u.add_argument("--add", help="documents to add (corpus file, --format)")
+    u.add_argument("--replace", help="documents whose passages replace those of the same id")
+    u.add_argument("--delete", help="a file of document ids to delete, one per line")
+    u.add_argument("--format", default="jsonl", choices=["jsonl", "dpr_tsv", "txt_dir", "hf_disk"],
+                   help="format of --add/--replace (default jsonl: id, title, text)")
+    u.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="a malformed record: stop naming file:line (raise) or skip and count it")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the folder's build config (encoder settings must match the index)")
+    u.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("compact", help="rewrite a folder without its deleted passages (a new generation)")
+    c.add_argument("folder")
+    c.add_argument("--retrain", action="store_true", help="ivfpq: train the quantiser anew on the current data")
+    c.add_argument("--set", action="append", default=[], metavar="index.KEY=VALUE",
+                   help="new index settings, e.g. index.type=hnsw: re-indexes the stored vectors, encodes nothing")
     v = sub.add_parser("verify", help="check an index folder's files against its manifest (sizes and sha256)")
     v.add_argument("folder")
     i = sub.add_parser("info", help="print an index folder's manifest")
@@ -63,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from index_builder.build import BuildError, build
+    from index_builder.update import UpdateError, compact, update
     from rag.config import BuildConfig, ConfigError, load_config
     from rag.index import DenseIndex, IndexFolderError, read_manifest
     from rag.passages import CorpusError
@@ -74,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
             m = read_manifest(out)
             print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}); "
                   f"build report: {json.dumps(m['build'])}")
+        elif args.command == "update":
+            if not (args.add or args.replace or args.delete):
+                print("error: give at least one of --add, --replace, --delete", file=sys.stderr)
+                return 2
+            r = update(args.index, args.add, args.replace, args.delete, args.format, args.on_error,
+                       tuple(args.set), progress=not args.quiet)
+            print(f"{args.index}: generation {r.generation}: +{len(r.added_docs)} documents "
+                  f"({r.added_passages} passages), {len(r.replaced_docs)} replaced, {len(r.deleted_docs)} deleted "
+                  f"({r.removed_passages} passages masked), {r.skipped_malformed} malformed skipped, "
+                  f"{r.seconds:.1f} s" + "".join(f"\nwarning: {w}" for w in r.warnings))
+        elif args.command == "compact":
+            from rag.config import IndexConfig, apply_overrides, from_dict
+
+            changes = apply_overrides({}, args.set).get("index", {})
+            from_dict(IndexConfig, changes, "index")  # unknown keys and bad values are errors
+            dropped = compact(args.folder, retrain=args.retrain, index=changes)
+            print(f"{args.folder}: compacted, {dropped} deleted passages dropped")
         elif args.command == "verify":
             index = DenseIndex.load(args.folder, verify=True)
             print(f"{args.folder}: OK ({len(index)} passages; sizes and sha256 match the manifest)")
@@ -81,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             from pathlib import Path
 
             print(json.dumps(read_manifest(Path(args.folder)), indent=2))
-    except (ConfigError, CorpusError, BuildError, IndexFolderError, ValueError) as e:
+    except (ConfigError, CorpusError, BuildError, UpdateError, IndexFolderError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

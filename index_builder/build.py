@@ -226,6 +226,12 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         "passages": asdict(cfg.passages),
         "corpus": asdict(cfg.corpus),
         "identity": state["identity"],
+        "generation": 0,
+        "segments": [{"store": STORE_FILE, "vectors": VECTORS_FILE, "rows": int(count)}],
+        "index_file": INDEX_FILE,
+        "deleted_file": None,
+        "deleted": 0,
+        "history": [],
         "files": {name: file_entry(out / name) for name in (STORE_FILE, VECTORS_FILE, INDEX_FILE)},
         "build": {
             **stages["passages"]["report"],

@@ -44,6 +44,8 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.fingerprint = weights_fingerprint(model)
+        # never longer than the model has position embeddings for
+        self.max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
         self.train(model.training)  # follow the wrapped model (eval after from_pretrained), not nn.Module's default
 
     @classmethod
@@ -93,7 +95,7 @@ class Encoder(nn.Module):
             first,
             second,
             truncation="only_second" if second is not None else True,
-            max_length=self.cfg.max_length,
+            max_length=self.max_length,
             padding=padding,
             return_tensors="pt" if padding else None,
         )

@@ -115,27 +115,31 @@ class Seq2SeqGenerator(Generator):
                                                        attention_mask=ctx.attention_mask).last_hidden_state
         return ctx.encoder_out
 
-    def _decoder(self, ctx: Contexts, rows: torch.Tensor, decoder_input_ids: torch.Tensor, cache=None,
-                 use_cache: bool = False):
+    def _decoder(self, encoder_out, decoder_input_ids: torch.Tensor, cache=None, use_cache: bool = False):
+        hidden, mask = encoder_out
+        return self.model(encoder_outputs=hidden, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                          past_key_values=cache, use_cache=use_cache)
+
+    def _rows(self, ctx: Contexts, rows: torch.Tensor):
+        """Encoder output and mask of the given rows (gathered once per decoding, not per step)."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        hidden = self.encode(ctx)
-        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[rows]),
-                          attention_mask=ctx.attention_mask[rows], decoder_input_ids=decoder_input_ids,
-                          past_key_values=cache, use_cache=use_cache)
+        return BaseModelOutput(last_hidden_state=self.encode(ctx)[rows]), ctx.attention_mask[rows]
 
     def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=targets.device)
         decoder_in = torch.cat([start, targets[:, :-1]], 1)  # (N, T): shift right
-        return self._decoder(ctx, rows, decoder_in).logits  # (N, T, V)
+        return self._decoder(self._rows(ctx, rows), decoder_in).logits  # (N, T, V)
 
     def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
-        out = self._decoder(ctx, rows, start, use_cache=True)
-        return DecodeState(rows=rows, cache=out.past_key_values, extra={"ctx": ctx}), out.logits[:, -1]
+        encoder_out = self._rows(ctx, rows)
+        out = self._decoder(encoder_out, start, use_cache=True)
+        return DecodeState(rows=rows, cache=out.past_key_values, extra={"encoder_out": encoder_out}), \
+            out.logits[:, -1]
 
     def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        out = self._decoder(state.extra["ctx"], state.rows, tokens[:, None], cache=state.cache, use_cache=True)
+        out = self._decoder(state.extra["encoder_out"], tokens[:, None], cache=state.cache, use_cache=True)
         state.cache = out.past_key_values
         return out.logits[:, -1]
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rag.config import IndexConfig
 from rag.passages import Passage
-from rag.store import PassageStore
+from rag.store import PassageStore, SegmentedVectors
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,38 @@ def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
         faiss.extract_index_ivf(index).nprobe = cfg.nprobe
 
 
-class DenseIndex:
-    """A built index folder opened for search. Opening maps the files; nothing large is read until searched."""
+def layout(manifest: dict) -> dict:
+    """Which files make up the current generation (a fresh build is generation 0 with one segment)."""
+    return {
+        "generation": manifest.get("generation", 0),
+        "segments": manifest.get("segments") or [
+            {"store": STORE_FILE, "vectors": VECTORS_FILE, "rows": manifest["count"]}],
+        "index_file": manifest.get("index_file", INDEX_FILE),
+        "deleted_file": manifest.get("deleted_file"),
+    }
 
-    def __init__(self, folder: str | Path, manifest: dict, index: faiss.Index, vectors: np.ndarray,
-                 store: PassageStore, cfg: IndexConfig, mips_norm2: float | None = None):
+
+def check_files(folder: Path, manifest: dict, verify: bool = False) -> None:
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise IndexFolderError(f"{path} is missing (listed in {folder / MANIFEST}); rebuild with --overwrite")
+        if path.stat().st_size != entry["bytes"]:
+            raise IndexFolderError(
+                f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
+
+
+class DenseIndex:
+    """A built index folder opened for search. Opening maps the files; nothing large is read until searched.
+
+    Rows are numbered across the generation's segments in order; rows of deleted or replaced documents stay in the
+    files until `index_builder compact` and are masked out of every search.
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict, index: faiss.Index, vectors, store: PassageStore | None,
+                 cfg: IndexConfig, mips_norm2: float | None = None, deleted: np.ndarray | None = None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.index = index
@@ -159,11 +186,14 @@ class DenseIndex:
         self.store = store
         self.cfg = cfg
         self.mips_norm2 = mips_norm2
+        self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
+        self.generation = manifest.get("generation", 0)
+        self._params = self._search_params()
 
     @classmethod
     def load(cls, folder: str | Path, encoder: dict | None = None, verify: bool = False,
              **overrides) -> DenseIndex:
-        """Open `folder`; check it against its manifest (sizes; sha256 too with `verify`).
+        """Open `folder` at its current generation; check it against its manifest (sizes; sha256 too with `verify`).
 
         `encoder` (name, pooling, ...) is compared with the encoder the index was built with;
         `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu).
@@ -172,47 +202,59 @@ class DenseIndex:
         if not folder.is_dir():
             raise IndexFolderError(f"index folder {folder} does not exist; {BUILD_HINT}")
         manifest = read_manifest(folder)
-        for name, entry in manifest["files"].items():
-            path = folder / name
-            if not path.is_file():
-                raise IndexFolderError(f"{path} is missing (listed in {folder / MANIFEST}); rebuild with --overwrite")
-            if path.stat().st_size != entry["bytes"]:
-                raise IndexFolderError(
-                    f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}")
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
+        check_files(folder, manifest, verify)
         if encoder is not None:
             built = manifest["encoder"]
             diff = {k: (built.get(k), v) for k, v in encoder.items() if k in built and built.get(k) != v}
             if diff:
                 said = "; ".join(f"{k}: index has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
                 raise IndexFolderError(f"{folder / MANIFEST}: encoder mismatch ({said}); rebuild the index with this "
-                                  f"encoder or use the one it was built with")
+                                       f"encoder or use the one it was built with")
         known = set(IndexConfig.__dataclass_fields__)
         params = {k: v for k, v in manifest["index"].items() if k in known}
         params.update(overrides)
         cfg = IndexConfig(**params)
         count, dim = manifest["count"], manifest["dim"]
+        files = layout(manifest)
 
-        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+        parts = [np.load(folder / seg["vectors"], mmap_mode="r") for seg in files["segments"]]
+        vectors = parts[0] if len(parts) == 1 else SegmentedVectors(parts)
         if vectors.shape != (count, dim):
-            raise IndexFolderError(f"{folder / VECTORS_FILE}: shape {vectors.shape}, manifest says ({count}, {dim})")
-        store = PassageStore(folder / STORE_FILE)
+            raise IndexFolderError(f"{folder / files['segments'][0]['vectors']}: shape {vectors.shape}, "
+                                   f"manifest says ({count}, {dim})")
+        store = PassageStore([folder / seg["store"] for seg in files["segments"]])
         if len(store) != count:
-            raise IndexFolderError(f"{folder / STORE_FILE}: {len(store)} rows, manifest says {count}")
+            raise IndexFolderError(f"{folder / files['segments'][0]['store']}: {len(store)} rows, "
+                                   f"manifest says {count}")
         # Memory-map the index codes (flat and HNSW storage) so that opening costs no resident memory.
-        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        path = folder / files["index_file"]
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
         norm2 = manifest["index"].get("mips_norm2")
         if index.ntotal != count or index.d != dim + (norm2 is not None):
-            raise IndexFolderError(f"{folder / INDEX_FILE}: {index.ntotal} vectors of dimension {index.d}, "
+            raise IndexFolderError(f"{path}: {index.ntotal} vectors of dimension {index.d}, "
                                    f"manifest says {count} of {dim}")
+        deleted = np.load(folder / files["deleted_file"]) if files["deleted_file"] else None
         set_search_params(index, cfg)
         if cfg.use_gpu:
             index = _to_gpu(index, cfg)
-        return cls(folder, manifest, index, vectors, store, cfg, norm2)
+        return cls(folder, manifest, index, vectors, store, cfg, norm2, deleted)
+
+    def _search_params(self):
+        """faiss search parameters that mask deleted rows (None when nothing is deleted)."""
+        if not len(self.deleted):
+            return None
+        self._deleted_set = faiss.IDSelectorBatch(self.deleted)  # kept alive with the index
+        sel = faiss.IDSelectorNot(self._deleted_set)
+        self._selector = sel
+        if self.cfg.type == "hnsw":
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.cfg.ef_search)
+        if self.cfg.type == "ivfpq":
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.cfg.nprobe)
+        return faiss.SearchParameters(sel=sel)
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        """Searchable (live) passages."""
+        return self.index.ntotal - len(self.deleted)
 
     @property
     def dim(self) -> int:
@@ -225,10 +267,12 @@ class DenseIndex:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
         k = min(k, len(self))
         fetch = max(k, self.cfg.rerank) if self.cfg.type != "flat" else k
+        extra = {"params": self._params} if self._params is not None else {}
         if self.mips_norm2 is None:
-            scores, ids = self.index.search(queries, fetch)  # (Q, fetch)
+            scores, ids = self.index.search(queries, fetch, **extra)  # (Q, fetch)
         else:
-            dist, ids = self.index.search(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]), fetch)
+            dist, ids = self.index.search(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]), fetch,
+                                          **extra)
             scores = (np.einsum("qd,qd->q", queries, queries)[:, None] + self.mips_norm2 - dist) / 2  # see augment
         vecs = None
         if fetch > k or return_vectors:

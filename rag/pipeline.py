@@ -106,6 +106,19 @@ class RagPipeline:
         cfg = dataclasses.replace(self.cfg, index=str(Path(self.cfg.index).expanduser().resolve()))
         save_config(cfg, folder / "rag.yaml")
 
+    def reload_index(self, folder: str | Path | None = None) -> int:
+        """Pick up the current generation of the index folder (or switch to another folder) without reloading the
+        models; returns the generation. Calls already running finish on the generation they started with."""
+        folder = Path(folder or self.cfg.index).expanduser()
+        old = self.model.retriever.index
+        index = DenseIndex.load(folder)
+        if index.manifest["encoder"].get("fingerprint") != old.manifest["encoder"].get("fingerprint"):
+            log.warning("%s was built with another document encoder (%s) than the current index (%s)", folder,
+                        index.manifest["encoder"]["name"], old.manifest["encoder"]["name"])
+        self.model.retriever.index = index  # one reference swap: atomic for every later call
+        self.cfg = dataclasses.replace(self.cfg, index=str(folder))
+        return index.generation
+
     def answer(self, question: str, mode: str | None = None, decoding: DecodingConfig | dict | None = None,
                n_docs: int | None = None) -> Answer:
         if not isinstance(question, str):

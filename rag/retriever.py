@@ -46,7 +46,7 @@ class Retriever(nn.Module):
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
-        limit = self.encoder.cfg.max_length
+        limit = self.encoder.max_length
         if not self._warned_long:
             lengths = [len(x) for x in self.encoder.tokenizer(questions)["input_ids"]]
             if max(lengths) > limit:
@@ -58,13 +58,13 @@ class Retriever(nn.Module):
         return self.encoder(**enc)
 
     def forward(self, questions: list[str], k: int) -> Retrieved:
+        index = self.index  # one generation for the whole call, even if reload_index swaps it meanwhile
         q = self.encode(questions)  # (B, D)
-        if k > len(self.index):
-            log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(self.index),
-                        len(self.index))
-            k = len(self.index)
-        hits = self.index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
+        if k > len(index):
+            log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
+            k = len(index)
+        hits = index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
         d = torch.from_numpy(hits.vectors).to(q.device, q.dtype)  # (B, K, D)
         doc_scores = torch.einsum("bkd,bd->bk", d, q)  # (B, K)
-        passages = [self.index.passages(row) for row in hits.ids]
+        passages = [index.passages(row) for row in hits.ids]
         return Retrieved(hits.ids, doc_scores, passages)

@@ -56,14 +56,19 @@ class StoreWriter:
 
 
 class PassageStore:
-    """Memory-mapped read access: opening reads only the file footer; rows are paged in when asked for."""
+    """Memory-mapped read access over one or more segment files (rows concatenated in order): opening reads only
+    the file footers; rows are paged in when asked for."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._source = pa.memory_map(str(self.path), "r")
-        self.table = pa.ipc.open_file(self._source).read_all()  # zero-copy over the memory map
-        if self.table.schema.names[: len(SCHEMA)] != SCHEMA.names:
-            raise ValueError(f"{self.path}: not a passage store (columns {self.table.schema.names})")
+    def __init__(self, paths: str | Path | list[Path]):
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        tables = []
+        for path in paths:
+            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy over the memory map
+            if table.schema.names[: len(SCHEMA)] != SCHEMA.names:
+                raise ValueError(f"{path}: not a passage store (columns {table.schema.names})")
+            tables.append(table)
+        self.paths = paths
+        self.table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -79,3 +84,31 @@ class PassageStore:
     def column(self, name: str, start: int = 0, stop: int | None = None) -> list:
         stop = len(self) if stop is None else stop
         return self.table.column(name).slice(start, stop - start).to_pylist()
+
+
+class SegmentedVectors:
+    """Row-wise concatenation of memory-mapped (N_i, D) arrays, read like one (N, D) array by row indices."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])  # (S + 1,)
+        self.shape = (int(self.offsets[-1]), parts[0].shape[1])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        seg = np.searchsorted(self.offsets, rows, side="right") - 1  # (n,) segment of each row
+        for s in np.unique(seg):
+            hit = seg == s
+            out[hit] = self.parts[s][rows[hit] - self.offsets[s]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.concatenate([np.asarray(p) for p in self.parts])
+        return whole if dtype is None else whole.astype(dtype)

@@ -1,6 +1,7 @@
 import importlib.util
 import logging
 
+import numpy as np
 import pytest
 
 from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig
@@ -131,3 +132,50 @@ def test_embedded_default_answers_from_the_demo_corpus(tmp_path):
     assert "Austen" in ans.text
     best = max(ans.passages, key=lambda p: p.posterior)
     assert best.title in ("Pride and Prejudice", "Jane Austen")
+
+    # the knowledge follows the index: delete the supporting documents, then add them back
+    from index_builder.update import update
+
+    (tmp_path / "gone.txt").write_text("Pride and Prejudice\nJane Austen\n")
+    update(tmp_path / "index", delete=str(tmp_path / "gone.txt"), progress=False)
+    pipe.reload_index()
+    without = pipe.answer("Who wrote Pride and Prejudice?")
+    assert not {p.title for p in without.passages} & {"Pride and Prejudice", "Jane Austen"}
+    write_jsonl(tmp_path / "back.jsonl", [{"id": k, "title": data[k]["title"], "text": data[k]["extract"]}
+                                          for k in ("Pride and Prejudice", "Jane Austen")])
+    update(tmp_path / "index", add=str(tmp_path / "back.jsonl"), progress=False)
+    assert pipe.reload_index() == 2
+    again = pipe.answer("Who wrote Pride and Prejudice?")
+    assert "Austen" in again.text
+    assert max(again.passages, key=lambda p: p.posterior).title in ("Pride and Prejudice", "Jane Austen")
+
+
+def test_reload_index_follows_updates(tmp_path, tiny_bert, tiny_lms):
+    """Delete the document a question retrieves, reload: it is gone from the provenance; add it back: it returns."""
+    import shutil
+
+    from index_builder.build import build
+    from index_builder.update import update
+    from rag.config import BuildConfig, load_config
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    build(load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8"]),
+          progress=False)
+    pipe = RagPipeline.from_config(rag_config(tmp_path / "index", tiny_bert, tiny_lms["llama"]))
+    model_before = pipe.model.generator.model
+    q = "pride and prejudice novel austen"
+    top = pipe.answer(q).passages[0].id.split("#")[0]
+    (tmp_path / "gone.txt").write_text(top + "\n")
+    update(tmp_path / "index", delete=str(tmp_path / "gone.txt"), progress=False)
+    in_flight = pipe.model.retriever.index
+    assert pipe.reload_index() == 1
+    assert all(not p.id.startswith(top + "#") for p in pipe.answer(q).passages)
+    assert pipe.model.generator.model is model_before  # models were not reloaded
+    assert in_flight.generation == 0 and len(in_flight.search(np.zeros((1, in_flight.dim), np.float32), 3).ids[0])
+    write_jsonl(tmp_path / "back.jsonl", [d for d in DOCS if d["id"] == top])
+    update(tmp_path / "index", add=str(tmp_path / "back.jsonl"), progress=False)
+    pipe.reload_index()
+    assert pipe.answer(q).passages[0].id.split("#")[0] == top
+    shutil.copytree(tmp_path / "index", tmp_path / "other")
+    assert pipe.reload_index(tmp_path / "other") == 2 and pipe.cfg.index == str(tmp_path / "other")

@@ -1,0 +1,141 @@
+import json
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+
+from index_builder.__main__ import main as cli
+from index_builder.build import build
+from index_builder.update import UpdateError, compact, folder_lock, update
+from rag.config import BuildConfig, load_config
+from rag.index import DenseIndex
+from tests.conftest import long_docs, write_jsonl
+
+TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
+         "ivfpq": ["index.nlist=4", "index.pq_m=8", "index.nprobe=4", "index.rerank=100"]}
+
+
+def make(tmp_path, tiny_bert, docs, name, kind="flat"):
+    corpus = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    cfg = load_config(BuildConfig, None, [f"output={tmp_path / name}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=30", "passages.stride=20",
+                                          f"index.type={kind}", *TYPES[kind]])
+    return build(cfg, progress=False)
+
+
+def top_ids(index: DenseIndex, queries: np.ndarray, k: int = 5) -> list[list[str]]:
+    res = index.search(queries, k)
+    return [[p.id for p in index.passages(row)] for row in res.ids]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_add_replace_delete_equals_a_fresh_build(tmp_path, tiny_bert, kind):
+    docs = long_docs(40)
+    base = make(tmp_path, tiny_bert, docs[:30], "base", kind)
+    new_docs, changed = docs[30:], {**docs[3], "text": docs[3]["text"][::-1]}
+    write_jsonl(tmp_path / "add.jsonl", new_docs)
+    write_jsonl(tmp_path / "replace.jsonl", [changed])
+    (tmp_path / "delete.txt").write_text("doc5\ndoc7\n")
+    report = update(base, add=str(tmp_path / "add.jsonl"), replace=str(tmp_path / "replace.jsonl"),
+                    delete=str(tmp_path / "delete.txt"), progress=False)
+    assert report.generation == 1 and report.deleted_docs == ["doc5", "doc7"] and report.replaced_docs == ["doc3"]
+    final = [d for d in docs[:30] if d["id"] not in ("doc3", "doc5", "doc7")] + new_docs + [changed]
+    fresh = DenseIndex.load(make(tmp_path, tiny_bert, final, "fresh", kind))
+    updated = DenseIndex.load(base)
+    assert len(updated) == len(fresh)
+    q = np.random.default_rng(0).normal(size=(30, updated.dim)).astype(np.float32)
+    got, want = top_ids(updated, q), top_ids(fresh, q)
+    assert not any(i.startswith(("doc5#", "doc7#")) for row in got for i in row)
+    if kind == "flat":
+        assert got == want
+    else:
+        overlap = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, want, strict=True)])
+        assert overlap >= 0.9
+    # compaction drops the masked rows and keeps the results
+    assert compact(base) == updated.manifest["deleted"]
+    compacted = DenseIndex.load(base)
+    assert compacted.generation == 2 and not len(compacted.deleted) and len(compacted) == len(fresh)
+    if kind == "flat":
+        assert top_ids(compacted, q) == want
+    m = json.loads((base / "manifest.json").read_text())
+    assert [h["generation"] for h in m["history"]] == [1, 2]
+    assert sorted(p.name for p in base.iterdir() if p.name.startswith(("passages", "vectors", "index", "deleted")))\
+        == sorted(m["files"])  # files of old generations are gone
+    DenseIndex.load(base, verify=True)
+
+
+def test_crash_before_the_switch_keeps_the_previous_generation(tmp_path, tiny_bert):
+    base = make(tmp_path, tiny_bert, long_docs(10), "base")
+    write_jsonl(tmp_path / "add.jsonl", long_docs(12)[10:])
+    before = top_ids(DenseIndex.load(base), np.ones((2, 32), np.float32))
+
+    def crash():
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        update(base, add=str(tmp_path / "add.jsonl"), progress=False, _before_switch=crash)
+    index = DenseIndex.load(base, verify=True)
+    assert index.generation == 0 and top_ids(index, np.ones((2, 32), np.float32)) == before
+    update(base, add=str(tmp_path / "add.jsonl"), progress=False)  # rerun: completes
+    assert DenseIndex.load(base, verify=True).generation == 1
+
+
+def test_unknown_delete_warns_and_changes_nothing(tmp_path, tiny_bert, caplog):
+    base = make(tmp_path, tiny_bert, long_docs(5), "base")
+    (tmp_path / "delete.txt").write_text("nope\nalso-nope\n")
+    report = update(base, delete=str(tmp_path / "delete.txt"), progress=False)
+    assert report.unknown_deletes == ["nope", "also-nope"] and "nope, also-nope" in caplog.text
+    assert DenseIndex.load(base).generation == 0
+
+
+def test_bad_update_files(tmp_path, tiny_bert):
+    base = make(tmp_path, tiny_bert, long_docs(5), "base")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(long_docs(7)[5]) + "\n{oops\n")
+    with pytest.raises(Exception, match=rf"{bad}:2: malformed JSON"):
+        update(base, add=str(bad), progress=False)
+    report = update(base, add=str(bad), on_error="skip", progress=False)
+    assert report.skipped_malformed == 1 and report.added_docs == ["doc5"]
+    with pytest.raises(UpdateError, match="already in the index.*--replace"):
+        update(base, add=str(bad), on_error="skip", progress=False)
+
+
+def test_encoder_fingerprint_refusal(tmp_path, tiny_bert, other_bert):
+    base = make(tmp_path, tiny_bert, long_docs(5), "base")
+    write_jsonl(tmp_path / "add.jsonl", long_docs(6)[5:])
+    with pytest.raises(UpdateError, match=r"built with encoder .*tiny-bert.*would encode with .*other-bert"):
+        update(base, add=str(tmp_path / "add.jsonl"), overrides=(f"encoder.name={other_bert}",), progress=False)
+    with pytest.raises(UpdateError, match="pooling mean.*pooling cls"):
+        update(base, add=str(tmp_path / "add.jsonl"), overrides=("encoder.pooling=cls",), progress=False)
+
+
+def _hold_lock(folder, ready):
+    with folder_lock(folder):
+        ready.set()
+        time.sleep(3)
+
+
+def test_concurrent_updates_are_refused(tmp_path, tiny_bert):
+    base = make(tmp_path, tiny_bert, long_docs(5), "base")
+    ready = multiprocessing.get_context("fork").Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(base, ready))
+    holder.start()
+    ready.wait(10)
+    (tmp_path / "delete.txt").write_text("doc1\n")
+    with pytest.raises(UpdateError, match="being updated by another process .*pid"):
+        update(base, delete=str(tmp_path / "delete.txt"), progress=False)
+    holder.join()
+    update(base, delete=str(tmp_path / "delete.txt"), progress=False)  # the lock went with its process
+
+
+def test_cli_update_compact_verify(tmp_path, tiny_bert, capsys):
+    base = make(tmp_path, tiny_bert, long_docs(6), "base")
+    write_jsonl(tmp_path / "add.jsonl", long_docs(8)[6:])
+    (tmp_path / "delete.txt").write_text("doc0\nghost\n")
+    assert cli(["update", "--index", str(base), "--add", str(tmp_path / "add.jsonl"), "--delete",
+                str(tmp_path / "delete.txt"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "generation 1: +2 documents" in out and "1 deleted" in out and "ghost" in out
+    assert cli(["compact", str(base)]) == 0 and cli(["verify", str(base)]) == 0
+    assert cli(["update", "--index", str(base)]) == 2
