@@ -30,6 +30,7 @@ class Contexts:
     attention_mask: torch.Tensor  # (R, S)
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
+    cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row
 
 
 @dataclass
@@ -126,15 +127,31 @@ class Seq2SeqGenerator(Generator):
 
         return BaseModelOutput(last_hidden_state=self.encode(ctx)[rows]), ctx.attention_mask[rows]
 
+    def _cache(self, ctx: Contexts, rows: torch.Tensor):
+        """A decoder cache whose cross-attention keys/values are already filled for `rows`.
+
+        Cross-attention keys/values depend on the passage alone, so they are projected once per context row and
+        gathered for every beam and scored hypothesis instead of being projected again for each of them."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if ctx.cross is None:
+            start = torch.full((len(ctx.input_ids), 1), self.start_id, dtype=torch.long, device=self.device)
+            out = self._decoder(self._rows(ctx, torch.arange(len(ctx.input_ids), device=self.device)), start,
+                                cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
+            ctx.cross = [(layer.keys, layer.values) for layer in out.past_key_values.cross_attention_cache.layers]
+        return EncoderDecoderCache(DynamicCache(), DynamicCache(ddp_cache_data=[(k[rows], v[rows])
+                                                                                for k, v in ctx.cross]))
+
     def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=targets.device)
         decoder_in = torch.cat([start, targets[:, :-1]], 1)  # (N, T): shift right
-        return self._decoder(self._rows(ctx, rows), decoder_in).logits  # (N, T, V)
+        return self._decoder(self._rows(ctx, rows), decoder_in, cache=self._cache(ctx, rows),
+                             use_cache=True).logits  # (N, T, V)
 
     def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
         encoder_out = self._rows(ctx, rows)
-        out = self._decoder(encoder_out, start, use_cache=True)
+        out = self._decoder(encoder_out, start, cache=self._cache(ctx, rows), use_cache=True)
         return DecodeState(rows=rows, cache=out.past_key_values, extra={"encoder_out": encoder_out}), \
             out.logits[:, -1]
 
