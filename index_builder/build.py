@@ -153,9 +153,10 @@ def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
 
 def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> Path:
     """Build (or resume, or find already built) the index folder `cfg.output`; return its path."""
+    import torch
     from accelerate import PartialState
 
-    dist = PartialState()
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     out = Path(cfg.output).expanduser()
     t0 = time.perf_counter()
     state = None

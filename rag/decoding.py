@@ -211,7 +211,7 @@ def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int
     rows = (b * K + torch.arange(K, device=doc_lp.device)).repeat(len(hyps))  # (C·K,)
     with torch.inference_mode():
         logits = gen.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (C·K, T, V)
-        lp, _ = gather_target_logprobs(logits, targets.repeat_interleave(K, 0))  # (C·K, T)
+        lp, _ = gather_target_logprobs(logits, targets.repeat_interleave(K, 0), vocab_sum=False)  # (C·K, T)
     lp = lp.view(len(hyps), K, width)  # (C, K, T)
     return torch.logsumexp((lp * mask[:, None, :]).sum(-1) + doc_lp[b][None, :], dim=-1)
 

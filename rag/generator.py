@@ -134,13 +134,18 @@ class Seq2SeqGenerator(Generator):
         gathered for every beam and scored hypothesis instead of being projected again for each of them."""
         from transformers import DynamicCache, EncoderDecoderCache
 
-        if ctx.cross is None:
+        if ctx.cross is None:  # one decoder step (no LM head) over every context row fills the cross-attention
             start = torch.full((len(ctx.input_ids), 1), self.start_id, dtype=torch.long, device=self.device)
-            out = self._decoder(self._rows(ctx, torch.arange(len(ctx.input_ids), device=self.device)), start,
-                                cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
-            ctx.cross = [(layer.keys, layer.values) for layer in out.past_key_values.cross_attention_cache.layers]
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            self.model.get_decoder()(input_ids=start, encoder_hidden_states=self.encode(ctx),
+                                     encoder_attention_mask=ctx.attention_mask, past_key_values=cache, use_cache=True)
+            self._keep_cross(ctx, cache)
         return EncoderDecoderCache(DynamicCache(), DynamicCache(ddp_cache_data=[(k[rows], v[rows])
                                                                                 for k, v in ctx.cross]))
+
+    @staticmethod
+    def _keep_cross(ctx: Contexts, cache) -> None:
+        ctx.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
 
     def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=targets.device)
@@ -151,7 +156,15 @@ class Seq2SeqGenerator(Generator):
     def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)
         encoder_out = self._rows(ctx, rows)
-        out = self._decoder(encoder_out, start, cache=self._cache(ctx, rows), use_cache=True)
+        every_row_once = ctx.cross is None and torch.equal(rows, torch.arange(len(ctx.input_ids), device=rows.device))
+        if every_row_once:  # greedy: the first step itself projects each row's cross-attention once
+            from transformers import DynamicCache, EncoderDecoderCache
+
+            out = self._decoder(encoder_out, start, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                                use_cache=True)
+            self._keep_cross(ctx, out.past_key_values)
+        else:
+            out = self._decoder(encoder_out, start, cache=self._cache(ctx, rows), use_cache=True)
         return DecodeState(rows=rows, cache=out.past_key_values, extra={"encoder_out": encoder_out}), \
             out.logits[:, -1]
 

@@ -17,16 +17,18 @@ def doc_logprobs(doc_scores: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(doc_scores.float(), dim=-1)
 
 
-def gather_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T, V) logits, (N, T) target ids -> log-prob of each target (N, T) and Σ_v log-probs (N, T).
+def gather_target_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                           vocab_sum: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, T, V) logits, (N, T) target ids -> log-prob of each target (N, T) and Σ_v log-probs (N, T) (None
+    unless `vocab_sum`: label smoothing alone needs it, and it costs another pass over the logits).
 
     Uses log p(v) = logit_v - logsumexp(logits), so no (N, T, V) log-softmax tensor is kept for backward.
     """
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)  # (N, T)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    vocab_sum = logits.sum(-1) - logits.shape[-1] * lse  # (N, T)
-    return picked - lse, vocab_sum
+    total = logits.sum(-1) - logits.shape[-1] * lse if vocab_sum else None  # (N, T)
+    return picked - lse, total
 
 
 def sequence_logprob(target_lp: torch.Tensor, doc_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

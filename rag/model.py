@@ -35,14 +35,20 @@ class RagModel(nn.Module):
     def contexts(self, questions: list[str], retrieved: Retrieved) -> Contexts:
         return self.generator.prepare(questions, retrieved.passages)
 
-    def target_logprobs(self, ctx: Contexts, targets: torch.Tensor, K: int, full: bool = False):
-        """(B, T) targets under each of the K context rows per question -> (B, K, T) log-probs (+ vocab sums)."""
+    def target_logprobs(self, ctx: Contexts, targets: torch.Tensor, K: int, smoothing: bool = False,
+                        full: bool = False):
+        """(B, T) targets under each of the K context rows per question -> (B, K, T) log-probs (+ vocab sums
+        for label smoothing, + the full (B, K, T, V) log-probs for RAG-token smoothing)."""
         B, T = targets.shape
         rows = torch.arange(B * K, device=targets.device)
         logits = self.generator.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (B·K, T, V)
-        lp, vocab_sum = marginal.gather_target_logprobs(logits, targets.repeat_interleave(K, 0))
+        lp, vocab_sum = marginal.gather_target_logprobs(logits, targets.repeat_interleave(K, 0), smoothing)
         full_lp = torch.log_softmax(logits.float(), -1).view(B, K, T, -1) if full else None
-        return lp.view(B, K, T), vocab_sum.view(B, K, T), full_lp
+        return lp.view(B, K, T), None if vocab_sum is None else vocab_sum.view(B, K, T), full_lp
+
+    def forward(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
+                smoothing: float = 0.0) -> torch.Tensor:
+        return self.loss(questions, answers, mode, n_docs, smoothing)
 
     def loss(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
              smoothing: float = 0.0) -> torch.Tensor:
@@ -53,7 +59,11 @@ class RagModel(nn.Module):
         mask = (targets != self.generator.pad_id).float()
         mask[:, 0] = 1.0  # a pad id that is also EOS (GPT-2) still counts at position 0
         ctx = self.contexts(questions, retrieved)
-        lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, full=mode == "token" and smoothing > 0)
+        # a frozen generator's log-probs are constants of the loss: no graph is kept for them
+        trains_generator = any(p.requires_grad for p in self.generator.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains_generator):
+            lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, smoothing > 0,
+                                                       full=mode == "token" and smoothing > 0)
         doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
         if mode == "sequence":
             return marginal.rag_sequence_loss(lp, doc_lp, mask, smoothing, vocab_sum, self.generator.vocab_size)
@@ -78,7 +88,7 @@ class RagModel(nn.Module):
         target = torch.tensor([tokens], device=doc_lp.device)
         rows = b * K + torch.arange(K, device=doc_lp.device)
         logits = self.generator.teacher_force(ctx, rows, target.expand(K, -1))  # (K, T, V)
-        lp, _ = marginal.gather_target_logprobs(logits, target.expand(K, -1))
+        lp, _ = marginal.gather_target_logprobs(logits, target.expand(K, -1), vocab_sum=False)
         lp = lp[None]  # (1, K, T)
         mask = torch.ones(1, len(tokens), device=doc_lp.device)
         post = marginal.sequence_posteriors(lp, doc_lp[b : b + 1], mask)[0]

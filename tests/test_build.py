@@ -127,7 +127,7 @@ def test_two_process_build_shards_over_ranks(tmp_path, tiny_bert):
             "index.shard_size=50"]
     sets = [x for a in args for x in ("--set", a)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "index_builder", "build", "--quiet",
            "--set", f"output={tmp_path / 'two'}", *sets]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,117 @@
+"""Question-answer data: NQ-open / EfficientQA JSON Lines, WebQuestions JSON, TriviaQA JSON, any JSON Lines.
+
+Shared by training (rag.train) and evaluation (eval/). Bad records are errors naming file and line, or with
+`on_error="skip"` skipped and counted; questions without answers are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rag.passages import CorpusError, _lines
+
+
+@dataclass(frozen=True)
+class QAExample:
+    question: str
+    answers: tuple[str, ...]
+    id: str = ""
+
+
+@dataclass
+class QAReport:
+    read: int = 0
+    skipped_malformed: int = 0
+    skipped_no_answer: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        self.skipped_malformed += 1
+        if len(self.problems) < 20:
+            self.problems.append(message)
+
+
+def _webquestions_answers(raw) -> list[str]:
+    # WebQuestions' targetValue: '(list (description "Jazmyn Bieber") (description "Jaxon Bieber"))'
+    if isinstance(raw, list):
+        return [str(a) for a in raw]
+    return re.findall(r'\(description "?(.*?)"?\)', str(raw))
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        return "webquestions"
+    if head.startswith(b"{") and b'"Data"' in head:
+        return "triviaqa"
+    return "jsonl"
+
+
+def _add(out: list, report: QAReport, where: str, question, answers, on_error: str, qid: str = "") -> None:
+    if not isinstance(question, str) or not question.strip():
+        message = f"{where}: record has no question"
+        if on_error == "raise":
+            raise CorpusError(message + " (set on_error: skip to skip such records)")
+        report.skip(message)
+        return
+    report.read += 1
+    answers = tuple(a.strip() for a in (answers or []) if isinstance(a, str) and a.strip())
+    if not answers:
+        report.skipped_no_answer += 1
+        return
+    out.append(QAExample(question.strip(), answers, qid))
+
+
+def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", question_field: str = "question",
+            answer_field: str = "answer", report: QAReport | None = None) -> list[QAExample]:
+    """Read a QA file; `fmt` is jsonl (NQ-open style, configurable fields), webquestions, triviaqa or auto."""
+    path = Path(path).expanduser()
+    report = report if report is not None else QAReport()
+    if not path.is_file():
+        raise CorpusError(f"QA file {path} does not exist")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    out: list[QAExample] = []
+    if fmt == "jsonl":
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if on_error == "raise":
+                    raise CorpusError(f"{where}: malformed JSON line ({e}); fix it or set on_error: skip") from None
+                report.skip(f"{where}: malformed JSON line ({e})")
+                continue
+            answers = rec.get(answer_field, rec.get("answers"))
+            answers = [answers] if isinstance(answers, str) else answers
+            _add(out, report, where, rec.get(question_field), answers, on_error, str(rec.get("id", number)))
+        return out
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    if fmt == "webquestions":
+        for i, rec in enumerate(data):
+            answers = rec.get("answers") or _webquestions_answers(rec.get("targetValue", ""))
+            _add(out, report, f"{path} record {i}", rec.get("qText", rec.get("utterance")), answers, on_error,
+                 str(rec.get("qId", i)))
+    elif fmt == "triviaqa":
+        for i, rec in enumerate(data.get("Data", [])):
+            ans = rec.get("Answer") or {}
+            answers = [ans.get("Value"), *(ans.get("Aliases") or []), *(ans.get("NormalizedAliases") or [])]
+            _add(out, report, f"{path} record {i}", rec.get("Question"), list(dict.fromkeys(
+                a for a in answers if a)), on_error, str(rec.get("QuestionId", i)))
+    else:
+        raise CorpusError(f"unknown QA format {fmt!r}: use jsonl, webquestions, triviaqa or auto")
+    return out

@@ -1,0 +1,328 @@
+"""Retrain BERT_q (and optionally the generator) on question-answer pairs with the RAG marginal likelihood.
+
+    python -m rag.train --config configs/train/demo.yaml [--set key=value ...] [--resume latest|PATH]
+    accelerate launch -m rag.train --config configs/train/nq-bart-large.yaml
+
+BERT_d and the index never change. Checkpoints (`accelerator.save_state`: model, optimiser, scheduler, RNG, and
+the data position) go to OUTPUT/checkpoints/step-N; `--resume latest` continues exactly where the last one stopped.
+The final model is written with `RagPipeline.save_pretrained` to OUTPUT/final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rag.config import ConfigError, load_config, save_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()
+    format: Literal["auto", "jsonl", "webquestions", "triviaqa"] = "auto"
+    dev: str | None = None
+    dev_limit: int = 200
+    on_error: Literal["raise", "skip"] = "raise"
+    # The target among several gold answers: the first, or one drawn anew each epoch.
+    answer: Literal["first", "sample"] = "first"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rag: str = "configs/rag/demo.yaml"  # a RAG config YAML, or a folder written by save_pretrained
+    output_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    mode: Literal["sequence", "token"] = "sequence"
+    n_docs: int = 5
+    train_query_encoder: bool = True
+    train_generator: bool = False
+    lr_query_encoder: float = 1e-5
+    lr_generator: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 500
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    tracker: Literal["csv", "tensorboard", "none"] = "csv"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Progress:
+    """The data position, saved with every checkpoint (accelerate's `register_for_checkpointing`)."""
+
+    def __init__(self):
+        self.step = 0  # optimiser steps done
+        self.best = -math.inf
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best = int(state["step"]), float(state["best"])
+
+
+def batches_for(step: int, examples: list, cfg: TrainConfig, world: int) -> list[list[tuple[str, str]]]:
+    """The micro-batches of optimiser step `step` for every process, from a permutation fixed by (seed, epoch):
+    any process can compute any step's data, so a resumed run reads exactly what the uninterrupted one would."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    epoch_len = max(1, len(examples) // per_step)
+    epoch, within = divmod(step, epoch_len)
+    order = list(range(len(examples)))
+    random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+    chosen = order[within * per_step : (within + 1) * per_step]
+    rng = random.Random(cfg.seed * 7_919 + epoch)
+    pairs = []
+    for i in chosen:
+        ex = examples[i]
+        answer = ex.answers[0] if cfg.data.answer == "first" else rng.choice(ex.answers)
+        pairs.append((ex.question, answer))
+    return [pairs[s : s + cfg.batch_size] for s in range(0, len(pairs), cfg.batch_size)]
+
+
+def load_examples(cfg: TrainConfig):
+    from rag.qa_data import QAReport, read_qa
+
+    report = QAReport()
+    examples = [e for path in cfg.data.train for e in read_qa(path, cfg.data.format, cfg.data.on_error,
+                                                               report=report)]
+    if not examples:
+        raise TrainingError(f"no training examples in {list(cfg.data.train)} ({report})")
+    return examples, report
+
+
+def load_pipeline(cfg: TrainConfig):
+    from rag.pipeline import RagPipeline, resolve_config_path
+
+    path = Path(cfg.rag).expanduser()
+    if (path / "rag.yaml").is_file():
+        return RagPipeline.from_pretrained(path)
+    return RagPipeline.from_config(resolve_config_path(cfg.rag))
+
+
+def evaluate(pipe, examples, n_docs: int, mode: str) -> dict:
+    """Exact match, F1 and retrieval answer-recall@k on dev examples."""
+    from rag.metrics import exact_match, f1_score, recall_at_k
+
+    em = f1 = rec = 0.0
+    for s in range(0, len(examples), 8):
+        chunk = examples[s : s + 8]
+        answers = pipe.answer_batch([e.question for e in chunk], mode=mode, n_docs=n_docs)
+        for e, a in zip(chunk, answers, strict=True):
+            em += exact_match(a.text, e.answers)
+            f1 += f1_score(a.text, e.answers)
+            rec += recall_at_k([p.text for p in a.passages], e.answers, n_docs)
+    n = max(1, len(examples))
+    return {"exact_match": em / n, "f1": f1 / n, f"recall@{n_docs}": rec / n}
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+@dataclass(frozen=True)
+class Trained:
+    final: Path  # the saved model (RagPipeline.from_pretrained loads it)
+    pipeline: object  # this process's trained RagPipeline
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Trained:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    out = Path(cfg.output_dir).expanduser()
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                      gradient_accumulation_steps=cfg.grad_accum,
+                      log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
+    set_seed(cfg.seed)
+    examples, report = load_examples(cfg)
+    dev = []
+    if cfg.data.dev:
+        from rag.qa_data import read_qa
+
+        dev = read_qa(cfg.data.dev, "auto", cfg.data.on_error)[: cfg.data.dev_limit]
+    pipe = load_pipeline(cfg)
+    model = pipe.model
+    model.retriever.encoder.requires_grad_(cfg.train_query_encoder)
+    pooler = getattr(model.retriever.encoder.model, "pooler", None)
+    if pooler is not None and model.retriever.encoder.cfg.pooling != "pooler":
+        pooler.requires_grad_(False)  # unused by cls/mean pooling: a parameter DDP would wait on for ever
+    model.generator.requires_grad_(cfg.train_generator)
+    if not (cfg.train_query_encoder or cfg.train_generator):
+        raise TrainingError("nothing to train: set train_query_encoder or train_generator")
+    if cfg.gradient_checkpointing:
+        for part, on in ((model.retriever.encoder.model, cfg.train_query_encoder),
+                         (model.generator.model, cfg.train_generator)):
+            if on and getattr(part, "supports_gradient_checkpointing", False):
+                part.gradient_checkpointing_enable()
+    groups = []
+    if cfg.train_query_encoder:
+        groups.append({"params": list(model.retriever.encoder.parameters()), "lr": cfg.lr_query_encoder})
+    if cfg.train_generator:
+        groups.append({"params": list(model.generator.parameters()), "lr": cfg.lr_generator})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    state = Progress()
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    acc.register_for_checkpointing(state)
+    if resume:
+        path = _resolve_resume(out, resume)
+        _check_same_config(path, cfg)
+        acc.load_state(str(path))
+        log.info("resumed from %s at step %d", path, state.step)
+    elif acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train.yaml")
+    if cfg.tracker == "tensorboard":
+        acc.init_trackers("rag", config={k: str(v) for k, v in to_dict(cfg).items()})
+    log.info("%d training examples (%d without answers and %d malformed skipped)", len(examples),
+             report.skipped_no_answer, report.skipped_malformed)
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (progress and acc.is_main_process))
+    while state.step < cfg.max_steps:
+        micro = batches_for(state.step, examples, cfg, acc.num_processes)
+        mine = micro[acc.process_index :: acc.num_processes]
+        total = 0.0
+        for batch in mine:
+            with acc.accumulate(model):
+                questions, answers = [q for q, _ in batch], [a for _, a in batch]
+                loss = model(questions, answers, mode=cfg.mode, n_docs=cfg.n_docs,
+                             smoothing=cfg.label_smoothing).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {loss.item()} at step {state.step + 1} on the batch starting "
+                                        f"{questions[:3]!r}; lower the learning rate or check the data")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                total += loss.item() / len(mine)
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            _log(acc, out, cfg, {"loss": total, "lr": scheduler.get_last_lr()[0]}, state.step)
+        if dev and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+            _evaluate(acc, pipe, dev, cfg, state, out)
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+            _save_checkpoint(acc, out, cfg, state)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        pipe.save_pretrained(out / "final")
+    acc.end_training()
+    return Trained(out / "final", pipe)
+
+
+def _log(acc, out: Path, cfg: TrainConfig, values: dict, step: int) -> None:
+    """To accelerate's trackers (TensorBoard) or, with tracker: csv, to OUTPUT/metrics.csv (step,name,value)."""
+    acc.log(values, step=step)
+    if cfg.tracker == "csv" and acc.is_main_process:
+        path = out / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            if new:
+                f.write("step,name,value\n")
+            f.writelines(f"{step},{k},{v}\n" for k, v in values.items())
+
+
+def _evaluate(acc, pipe, dev, cfg, state, out):
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        was = pipe.model.training
+        pipe.model.eval()
+        scores = evaluate(pipe, dev, cfg.n_docs, cfg.mode)
+        pipe.model.train(was)
+        _log(acc, out, cfg, {f"dev/{k}": v for k, v in scores.items()}, state.step)
+        log.info("step %d dev %s", state.step, json.dumps(scores))
+        if scores["exact_match"] + scores["f1"] / 1000 > state.best:  # EM first, F1 breaks ties
+            state.best = scores["exact_match"] + scores["f1"] / 1000
+            pipe.save_pretrained(out / "best")
+    acc.wait_for_everyone()
+
+
+def _save_checkpoint(acc, out: Path, cfg: TrainConfig, state: Progress) -> None:
+    acc.wait_for_everyone()
+    path = out / "checkpoints" / f"step-{state.step}"
+    acc.save_state(str(path))
+    if acc.is_main_process:
+        save_config(cfg, path / "train.yaml")
+        for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _resolve_resume(out: Path, resume: str) -> Path:
+    if resume == "latest":
+        found = _checkpoints(out)
+        if not found:
+            raise TrainingError(f"--resume latest: no checkpoint under {out / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / "train.yaml").is_file():
+        raise TrainingError(f"--resume {path}: not a checkpoint folder (no train.yaml)")
+    return path
+
+
+# Settings that may change when resuming: they do not change what the run computes.
+RESUME_FREE = {"max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "tracker"}
+
+
+def _check_same_config(path: Path, cfg: TrainConfig) -> None:
+    saved = load_config(TrainConfig, path / "train.yaml")
+    a, b = to_dict(saved), to_dict(cfg)
+    diff = [f"{k}: checkpoint has {a[k]!r}, config has {b[k]!r}" for k in a if k not in RESUME_FREE and a[k] != b[k]]
+    if diff:
+        raise TrainingError(f"{path} was written by another config ({'; '.join(diff)}); "
+                            "resume with the config it was trained with or start a new output_dir")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rag-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="training config YAML (changes from TrainConfig's defaults)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rag.passages import CorpusError
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.set)
+        done = train(cfg, args.resume, progress=not args.quiet)
+        print(f"trained model: {done.final}")
+    except (ConfigError, CorpusError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rag.config import load_config, save_config
+from rag.model import RagModel
+from rag.pipeline import RagPipeline
+from rag.train import TrainConfig, TrainingError, train
+from tests.conftest import DOCS, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert, tiny_lms):
+    """A tiny index, a RAG config with tiny models, and a toy QA set whose answers sit in single passages."""
+    from index_builder.build import build
+    from rag.config import BuildConfig
+
+    root = tmp_path_factory.mktemp("train")
+    corpus = write_jsonl(root / "corpus.jsonl", DOCS)
+    build(load_config(BuildConfig, None, [f"output={root / 'index'}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8"]),
+          progress=False)
+    rag = root / "rag.yaml"
+    rag.write_text(f"index: {root / 'index'}\nquery_encoder:\n  name: {tiny_bert}\n  max_length: 32\n"
+                   f"generator:\n  name: {tiny_lms['llama']}\n  max_target_length: 6\n"
+                   "decoding:\n  max_new_tokens: 4\nn_docs: 3\n")
+    qa = write_jsonl(root / "qa.jsonl", [
+        {"question": "capital of france", "answer": ["paris"]},
+        {"question": "capital of england", "answer": ["london"]},
+        {"question": "who wrote the novel", "answer": ["austen"]},
+        {"question": "the moon rocket", "answer": ["apollo"]},
+        {"question": "no answer here", "answer": []},
+    ])
+    return root, rag, qa
+
+
+def cfg_for(setup, tmp_path, *extra) -> TrainConfig:
+    root, rag, qa = setup
+    return load_config(TrainConfig, None, [
+        f"rag={rag}", f"output_dir={tmp_path / 'run'}", f"data.train=[{qa}]", f"data.dev={qa}", "data.dev_limit=2",
+        "n_docs=3", "batch_size=2", "max_steps=6", "warmup_steps=0", "lr_query_encoder=0.05", "lr_generator=0.01",
+        "checkpoint_every=3", "eval_every=6", "log_every=1", "tracker=csv", *extra])
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for _, p in sorted(module.named_parameters()):
+        h.update(p.detach().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_query_encoder_learns_and_nothing_else_moves(setup, tmp_path):
+    root = setup[0]
+    index_files = {p.name: p.read_bytes() for p in (root / "index").iterdir() if p.is_file()}
+    start = RagPipeline.from_config(setup[1])
+    questions, answers = ["capital of france", "capital of england", "who wrote the novel", "the moon rocket"], \
+        ["paris", "london", "austen", "apollo"]
+    before = start.model.loss(questions, answers, n_docs=3).mean().item()
+    done = train(cfg_for(setup, tmp_path, "max_steps=30", "checkpoint_every=100", "eval_every=100"),
+                 progress=False)
+    model = done.pipeline.model
+    after = model.loss(questions, answers, n_docs=3).mean().item()
+    assert after < before - 0.05
+    assert digest(model.retriever.encoder) != digest(start.model.retriever.encoder)
+    assert digest(model.generator) == digest(start.model.generator)  # frozen
+    assert {p.name: p.read_bytes() for p in (root / "index").iterdir() if p.is_file()} == index_files
+    again = RagPipeline.from_pretrained(done.final)  # the saved model loads into answer()
+    assert digest(again.model.retriever.encoder) == digest(model.retriever.encoder)
+    assert isinstance(again.answer("capital of france").text, str)
+
+
+def test_gradient_reaches_bert_q_through_doc_scores(setup):
+    pipe = RagPipeline.from_config(setup[1])
+    pipe.model.generator.requires_grad_(False)
+    loss = pipe.model.loss(["capital of france"], ["paris"], n_docs=3).sum()
+    loss.backward()
+    grads = [p.grad for n, p in pipe.model.retriever.encoder.named_parameters() if "pooler" not in n]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_generator_switch(setup, tmp_path):
+    start = RagPipeline.from_config(setup[1])
+    done = train(cfg_for(setup, tmp_path, "train_query_encoder=false", "train_generator=true", "max_steps=2"),
+                 progress=False)
+    assert digest(done.pipeline.model.retriever.encoder) == digest(start.model.retriever.encoder)
+    assert digest(done.pipeline.model.generator) != digest(start.model.generator)
+    with pytest.raises(TrainingError, match="nothing to train"):
+        train(cfg_for(setup, tmp_path, "train_query_encoder=false"), progress=False)
+
+
+class Killed(BaseException):
+    """Stands for a kill signal (not an Exception: nothing in the loop may swallow it)."""
+
+
+def test_resume_reproduces_the_uninterrupted_run(setup, tmp_path, monkeypatch):
+    full = train(cfg_for(setup, tmp_path / "a"), progress=False)
+    real, calls = RagModel.loss, []
+
+    def dies_in_step_5(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RagModel, "loss", dies_in_step_5)
+    with pytest.raises(Killed):  # killed in step 5: steps 4-5 are lost, step 3's checkpoint is kept
+        train(cfg_for(setup, tmp_path / "b"), progress=False)
+    monkeypatch.setattr(RagModel, "loss", real)
+    resumed = train(cfg_for(setup, tmp_path / "b"), resume="latest", progress=False)
+    assert digest(resumed.pipeline.model.retriever.encoder) == digest(full.pipeline.model.retriever.encoder)
+    loss_rows = lambda run: [r for r in (run / "run" / "metrics.csv").read_text().splitlines() if ",loss," in r]
+    assert loss_rows(tmp_path / "b")[-3:] == loss_rows(tmp_path / "a")[-3:]  # steps 4-6 logged the same losses
+
+
+def test_resume_refuses_another_config(setup, tmp_path):
+    train(cfg_for(setup, tmp_path, "max_steps=3"), progress=False)
+    with pytest.raises(TrainingError, match="another config .*lr_query_encoder"):
+        train(cfg_for(setup, tmp_path, "lr_query_encoder=0.5"), resume="latest", progress=False)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(cfg_for(setup, tmp_path / "empty"), resume="latest", progress=False)
+
+
+def test_nan_loss_stops_with_the_step_and_batch(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(RagModel, "loss", lambda self, q, a, *args, **kw: torch.full((len(q),), float("nan"),
+                                                                                       requires_grad=True))
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 on the batch starting \["):
+        train(cfg_for(setup, tmp_path), progress=False)
+
+
+def test_bad_training_file(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": ["a"]}\n{oops\n')
+    from rag.passages import CorpusError
+
+    with pytest.raises(CorpusError, match=rf"{bad}:2: malformed JSON"):
+        train(cfg_for(setup, tmp_path, f"data.train=[{bad}]"), progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_parameters(setup, tmp_path):
+    cfg = cfg_for(setup, tmp_path, "max_steps=3", "data.dev=null")
+    save_config(cfg, tmp_path / "train.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(REPO / "tests" / "_train_worker.py"), str(tmp_path / "train.yaml")],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hashes = [(tmp_path / "run" / f"rank{i}.txt").read_text() for i in range(2)]
+    assert hashes[0] == hashes[1]
+    assert json.loads(json.dumps(hashes))  # both written
