@@ -20,14 +20,15 @@ from rag.generator import Contexts, Seq2SeqGenerator
 from rag.marginal import doc_logprobs
 
 
-def bart_base(vocab: int = 50265):
+def bart_base(vocab: int = 50265, dropout: float = 0.1):
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(0)
     cfg = BartConfig(vocab_size=vocab, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, pad_token_id=1,
                      bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
-                     forced_eos_token_id=None, no_repeat_ngram_size=0, init_std=0.05)
+                     forced_eos_token_id=None, no_repeat_ngram_size=0, init_std=0.05, dropout=dropout,
+                     attention_dropout=dropout, activation_dropout=dropout)
     return BartForConditionalGeneration(cfg).eval()
 
 

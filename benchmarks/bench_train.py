@@ -1,0 +1,163 @@
+"""A training step (forward + backward) against transformers' RAG classes on identical weights.
+
+    python benchmarks/bench_train.py [--mode sequence|token]
+
+bart-base-shaped random BART generator, BERT-base-shaped random question encoder, B=2 questions, K=5 passages of
+128 tokens, 16 target tokens. Doc scores are q(x)ᵀd(z) against fixed passage vectors in both systems, so the
+gradient reaches the question encoder the same way. The loss and every gradient are compared; each system's step
+time is the best of three alternated runs and its peak memory is measured in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from benchmarks.common import machine, matmul_gflops, table
+
+B, K, S, T = 2, 5, 128, 16
+
+
+def build(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    from benchmarks.bench_generate import bart_base
+
+    bart = bart_base(dropout=0.0)
+    torch.manual_seed(seed)
+    qenc = BertModel(BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                intermediate_size=3072, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "questions": torch.randint(1000, 20000, (B, 24), generator=g),
+        "docs": torch.randn(B, K, 768, generator=g) / 20,
+        "contexts": torch.randint(3, 50000, (B * K, S), generator=g),
+        "labels": torch.cat([torch.full((B, 1), 2), torch.randint(3, 50000, (B, T - 1), generator=g)], 1),
+    }
+    return bart.train(), qenc.train(), data  # training mode without dropout: both compute the same function
+
+
+def step_transformers(bart, qenc, data, mode):
+    from tests.hf_rag import hf_rag
+
+    rag = hf_rag(bart, mode, K).train()
+    q = qenc(input_ids=data["questions"]).pooler_output  # (B, D)
+    doc_scores = torch.einsum("bkd,bd->bk", data["docs"], q)
+    out = rag(context_input_ids=data["contexts"], context_attention_mask=torch.ones_like(data["contexts"]),
+              doc_scores=doc_scores, labels=data["labels"], n_docs=K, reduce_loss=True)
+    out.loss.backward()
+    return out.loss
+
+
+def step_ours(bart, qenc, data, mode, checkpointing=False):
+    from rag import marginal
+    from rag.config import GeneratorConfig
+    from rag.generator import Contexts, Seq2SeqGenerator
+    from tests.hf_rag import tiny_tokenizer
+
+    gen = Seq2SeqGenerator(bart, tiny_tokenizer(), GeneratorConfig(name="bart-base-random", family="seq2seq"))
+    if checkpointing:
+        bart.gradient_checkpointing_enable()
+        qenc.gradient_checkpointing_enable()
+    q = qenc(input_ids=data["questions"]).pooler_output
+    doc_scores = torch.einsum("bkd,bd->bk", data["docs"], q)
+    targets = torch.cat([data["labels"][:, 1:], torch.full((B, 1), 1)], 1)  # shifted left, as transformers
+    mask = (targets != 1).float()
+    ctx = Contexts(data["contexts"], torch.ones_like(data["contexts"]))
+    logits = gen.teacher_force(ctx, torch.arange(B * K), targets.repeat_interleave(K, 0))  # (B·K, T, V)
+    lp, _ = marginal.gather_target_logprobs(logits, targets.repeat_interleave(K, 0), vocab_sum=False)
+    lp = lp.view(B, K, T)
+    doc_lp = marginal.doc_logprobs(doc_scores)
+    loss = (marginal.rag_sequence_loss(lp, doc_lp, mask) if mode == "sequence"
+            else marginal.rag_token_loss(lp, doc_lp, mask)).sum()
+    loss.backward()
+    return loss
+
+
+def grads(*modules) -> dict:
+    return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
+            if p.grad is not None}
+
+
+def peak(system: str, mode: str) -> float:
+    """Peak memory a training step adds on top of the models and data, measured in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--mode", mode, "--peak", system],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_child(system: str, mode: str) -> None:
+    import gc
+
+    bart, qenc, data = build()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = _status_kib("VmRSS")
+    if system == "hf":
+        step_transformers(bart, qenc, data, mode)
+    else:
+        step_ours(bart, qenc, data, mode, checkpointing=system == "ours+ckpt")
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["sequence", "token"], default="sequence")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # internal: one step in a fresh process
+    args = ap.parse_args()
+    if args.peak:
+        return _peak_child(args.peak, args.mode)
+    rate = matmul_gflops()
+
+    bart, qenc, data = build()
+    loss_hf = step_transformers(bart, qenc, data, args.mode)
+    g_hf = grads(bart, qenc)
+    bart.zero_grad(set_to_none=True)
+    qenc.zero_grad(set_to_none=True)
+    loss_ours = step_ours(bart, qenc, data, args.mode)
+    g_ours = grads(bart, qenc)
+    same_loss = torch.allclose(loss_hf, loss_ours, rtol=1e-4, atol=1e-4)
+    # relative to the largest gradient: some (attention key biases) are zero in exact arithmetic, noise in floats
+    scale = max(g.abs().max().item() for g in g_hf.values())
+    worst = max((g_hf[k] - g_ours[k]).abs().max().item() for k in g_hf) / scale
+    same_grads = set(g_hf) == set(g_ours) and worst < 1e-4
+
+    best = {"hf": float("inf"), "ours": float("inf"), "ours+ckpt": float("inf")}
+    for _ in range(args.repeats):
+        for name, fn in (("hf", lambda: step_transformers(bart, qenc, data, args.mode)),
+                         ("ours", lambda: step_ours(bart, qenc, data, args.mode)),
+                         ("ours+ckpt", lambda: step_ours(bart, qenc, data, args.mode, True))):
+            bart.zero_grad(set_to_none=True)
+            qenc.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+            bart.gradient_checkpointing_disable()
+            qenc.gradient_checkpointing_disable()
+    mem = {name: peak(name, args.mode) for name in best}
+    rows = [{"system": name, "step s": best[name], "speed-up": best["hf"] / best[name],
+             "step peak MiB": mem[name], "memory / transformers": mem[name] / mem["hf"]} for name in best]
+    print(f"machine: {machine()}; fp32 matmul {rate:.1f} GFLOP/s; RAG-{args.mode}, B={B}, K={K}, {S}-token "
+          f"contexts, {T} target tokens; loss equal: {same_loss} ({loss_hf.item():.4f} vs {loss_ours.item():.4f}); "
+          f"gradients equal: {same_grads} (worst relative difference {worst:.2e})")
+    print(table(rows))
+    print(json.dumps({"loss_equal": bool(same_loss), "grads_equal": bool(same_grads)}))
+
+
+if __name__ == "__main__":
+    main()
