@@ -191,6 +191,9 @@ class CausalGenerator(Generator):
     def __init__(self, model, tokenizer, cfg):
         super().__init__(model, tokenizer, cfg)
         self.use_chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
+        import inspect
+
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if cfg.chat_template and not self.use_chat:
             log.warning("tokenizer of %s has no chat template; using the plain prompt template", cfg.name)
 
@@ -224,9 +227,10 @@ class CausalGenerator(Generator):
             mask[i, width - len(x):] = 1
         return Contexts(input_ids.to(self.device), mask.to(self.device))
 
-    def _forward(self, input_ids, mask, positions, cache=None):
+    def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
+        extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=cache is not None or None)
+                          use_cache=cache is not None or None, **extra)
 
     def _prefix(self, ctx: Contexts) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Key/value cache and last-position logits of every prompt, computed once per context row and reused by
@@ -235,7 +239,8 @@ class CausalGenerator(Generator):
             from transformers import DynamicCache
 
             positions = (ctx.attention_mask.cumsum(1) - 1).clamp(min=0)
-            out = self._forward(ctx.input_ids, ctx.attention_mask, positions, DynamicCache())
+            # only the last prompt position's logits are needed: no (R, S, V) LM-head output for the prompts
+            out = self._forward(ctx.input_ids, ctx.attention_mask, positions, DynamicCache(), last_only=True)
             kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             ctx.encoder_out = (kv, out.logits[:, -1])
         return ctx.encoder_out
