@@ -108,7 +108,9 @@ def _make_doc(rec: dict, cfg: CorpusConfig, fallback_id: str, where: str, report
     return Document(id=str(doc_id) if doc_id not in (None, "") else fallback_id, title=str(title), text=text)
 
 
-def read_jsonl(path: Path, cfg: CorpusConfig, report: ReadReport) -> Iterator[Document]:
+def json_records(path: Path, on_error: str, skip: Callable[[str], None]) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "file:line", object) for each JSON object line of a JSON Lines file; a malformed line is an
+    error naming file and line, or with on_error="skip" passed to `skip` (which counts it)."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -118,10 +120,16 @@ def read_jsonl(path: Path, cfg: CorpusConfig, report: ReadReport) -> Iterator[Do
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
-            if cfg.on_error == "raise":
-                raise CorpusError(f"{where}: malformed JSON line ({e}); fix it or set corpus.on_error: skip") from None
-            report.skip(f"{where}: malformed JSON line ({e})")
+            if on_error == "raise":
+                raise CorpusError(f"{where}: malformed JSON line ({e}); fix it or skip such lines "
+                                  "(on_error: skip)") from None
+            skip(f"{where}: malformed JSON line ({e})")
             continue
+        yield number, where, rec
+
+
+def read_jsonl(path: Path, cfg: CorpusConfig, report: ReadReport) -> Iterator[Document]:
+    for number, where, rec in json_records(path, cfg.on_error, report.skip):
         doc = _make_doc(rec, cfg, f"{path.stem}:{number}", where, report)
         if doc is not None:
             yield doc

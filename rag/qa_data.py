@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag.passages import CorpusError, _lines
+from rag.passages import CorpusError, json_records
 
 
 @dataclass(frozen=True)
@@ -78,19 +78,7 @@ def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", questi
     fmt = detect_format(path) if fmt == "auto" else fmt
     out: list[QAExample] = []
     if fmt == "jsonl":
-        for number, line in _lines(path):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                if on_error == "raise":
-                    raise CorpusError(f"{where}: malformed JSON line ({e}); fix it or set on_error: skip") from None
-                report.skip(f"{where}: malformed JSON line ({e})")
-                continue
+        for number, where, rec in json_records(path, on_error, report.skip):
             answers = rec.get(answer_field, rec.get("answers"))
             answers = [answers] if isinstance(answers, str) else answers
             _add(out, report, where, rec.get(question_field), answers, on_error, str(rec.get("id", number)))
