@@ -217,3 +217,42 @@ class RagConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     mode: Literal["sequence", "token"] = "token"
     n_docs: int = 5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()
+    format: Literal["auto", "jsonl", "webquestions", "triviaqa"] = "auto"
+    dev: str | None = None
+    dev_limit: int = 200
+    on_error: Literal["raise", "skip"] = "raise"
+    # The target among several gold answers: the first, or one drawn anew each epoch.
+    answer: Literal["first", "sample"] = "first"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rag: str = "configs/rag/demo.yaml"  # a RAG config YAML, or a folder written by save_pretrained
+    output_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    mode: Literal["sequence", "token"] = "sequence"
+    n_docs: int = 5
+    train_query_encoder: bool = True
+    train_generator: bool = False
+    lr_query_encoder: float = 1e-5
+    lr_generator: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 500
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    tracker: Literal["csv", "tensorboard", "none"] = "csv"
