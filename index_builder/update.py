@@ -29,11 +29,9 @@ from rag.index import (
     DenseIndex,
     augment,
     build_faiss,
-    check_files,
     factory_string,
     file_entry,
     layout,
-    read_manifest,
     write_json_atomic,
 )
 from rag.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
@@ -155,13 +153,12 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
     folder = Path(folder).expanduser()
     t0 = time.perf_counter()
     with folder_lock(folder):
-        manifest = read_manifest(folder)
-        check_files(folder, manifest)
+        current = DenseIndex.load(folder)  # reads the manifest and checks the files against it
+        manifest = current.manifest
         files = layout(manifest)
         gen = files["generation"] + 1
         report = UpdateReport(generation=gen)
         cfg = _build_config(folder, overrides)
-        current = DenseIndex.load(folder)
         doc_col = current.store.table.column("doc_id")
         live = np.ones(current.index.ntotal, dtype=bool)
         live[current.deleted] = False
@@ -258,8 +255,8 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
     no passage is encoded again."""
     folder = Path(folder).expanduser()
     with folder_lock(folder):
-        manifest = read_manifest(folder)
         current = DenseIndex.load(folder)
+        manifest = current.manifest
         gen = layout(manifest)["generation"] + 1
         keep = np.setdiff1d(np.arange(current.index.ntotal), current.deleted)
         store_name, vec_name, index_name = (_gen_name(n, gen) for n in ("passages.arrow", "vectors.npy",

@@ -200,12 +200,8 @@ def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int
     One teacher-forced decoder pass over the C·K (hypothesis, passage) pairs; the encoder outputs are reused.
     """
     K = doc_lp.shape[1]
-    width = max(len(h) for h in hyps)
-    targets = torch.full((len(hyps), width), gen.pad_id, dtype=torch.long, device=doc_lp.device)
-    for i, h in enumerate(hyps):
-        targets[i, : len(h)] = torch.tensor(h)
-    mask = (torch.arange(width, device=doc_lp.device)[None, :]
-            < torch.tensor([len(h) for h in hyps], device=doc_lp.device)[:, None]).float()  # (C, T)
+    targets, mask = gen.pad(hyps)  # (C, T), (C, T)
+    width = targets.shape[1]
     if forced_bos is not None and all(h and h[0] == forced_bos for h in hyps):
         mask[:, 0] = 0  # a forced first token carries no evidence (transformers' exclude_bos_score)
     rows = (b * K + torch.arange(K, device=doc_lp.device)).repeat(len(hyps))  # (C·K,)

@@ -74,15 +74,23 @@ class Generator(nn.Module):
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def target_ids(self, answers: list[str]) -> torch.Tensor:
-        """Answers -> (N, T) token ids ending with EOS, padded with pad_id."""
-        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
-               + [self.eos_id] for a in answers]
-        width = max(len(x) for x in ids)
-        out = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        for i, x in enumerate(ids):
-            out[i, : len(x)] = torch.tensor(x)
-        return out.to(self.device)
+    def pad(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequences -> (N, T) ids padded with pad_id and an (N, T) float mask of real tokens.
+
+        The mask comes from the lengths, not from comparing with pad_id: where pad and EOS are one token
+        (GPT-2), the final EOS is still a target."""
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        lengths = torch.tensor([len(x) for x in seqs])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+        return ids.to(self.device), mask.to(self.device)
+
+    def target_ids(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answers -> (N, T) token ids ending with EOS, padded, and their (N, T) mask."""
+        return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
+                         + [self.eos_id] for a in answers])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids and i != self.pad_id],

@@ -55,9 +55,7 @@ class RagModel(nn.Module):
         """Negative marginal log-likelihood per question (B,); gradient reaches BERT_q through the doc scores."""
         retrieved = self.retriever(questions, n_docs)
         K = retrieved.doc_scores.shape[1]
-        targets = self.generator.target_ids(answers)  # (B, T)
-        mask = (targets != self.generator.pad_id).float()
-        mask[:, 0] = 1.0  # a pad id that is also EOS (GPT-2) still counts at position 0
+        targets, mask = self.generator.target_ids(answers)  # (B, T), (B, T)
         ctx = self.contexts(questions, retrieved)
         # a frozen generator's log-probs are constants of the loss: no graph is kept for them
         trains_generator = any(p.requires_grad for p in self.generator.parameters())

@@ -64,3 +64,11 @@ def test_context_truncation(tiny_lms):
     assert t5.prepare(["who ?"], [[P[1]]]).input_ids.shape[1] == 6
     llama = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), max_context_length=3))
     assert "London is the" in llama.prompt("who ?", P[1]) and "river" not in llama.prompt("who ?", P[1])
+
+
+def test_target_mask_keeps_the_final_eos(gen):
+    """GPT-2 pads with EOS: the mask comes from lengths, so the answer's EOS is still a target."""
+    ids, mask = gen.target_ids(["paris is the capital", "paris"])
+    n = [len(gen.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in ("paris is the capital", "paris")]
+    assert mask.sum(1).tolist() == n
+    assert [ids[i, n[i] - 1].item() for i in range(2)] == [gen.eos_id] * 2
