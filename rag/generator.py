@@ -107,12 +107,12 @@ class Seq2SeqGenerator(Generator):
         self.start_id = int(model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None
                             else self.pad_id)
 
-    def context_texts(self, questions: list[str], passages: list[list[Passage]]) -> list[str]:
+    def context_texts(self, questions: list[str], passages: list[list[Passage | None]]) -> list[str]:
         prefix = getattr(self.model.config, "prefix", None) or ""
-        return [(prefix + _clean_title(p.title) + " / " + p.text + " // " + q).replace("  ", " ")
-                for q, ps in zip(questions, passages, strict=True) for p in ps]
+        return [(prefix + (q if p is None else _clean_title(p.title) + " / " + p.text + " // " + q)).replace("  ", " ")
+                for q, ps in zip(questions, passages, strict=True) for p in ps]  # None: the question alone
 
-    def prepare(self, questions: list[str], passages: list[list[Passage]]) -> Contexts:
+    def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
         enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
                              truncation=True, padding=True, return_tensors="pt").to(self.device)
         return Contexts(enc["input_ids"], enc["attention_mask"])
@@ -158,8 +158,14 @@ class Seq2SeqGenerator(Generator):
     def teacher_force(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=targets.device)
         decoder_in = torch.cat([start, targets[:, :-1]], 1)  # (N, T): shift right
+        if ctx.cross is None and torch.equal(rows, torch.arange(len(ctx.input_ids), device=rows.device)):
+            # each row once (training): no gathered copies, no cross-attention cache kept beside the graph
+            from transformers.modeling_outputs import BaseModelOutput
+
+            every = BaseModelOutput(last_hidden_state=self.encode(ctx)), ctx.attention_mask
+            return self._decoder(every, decoder_in).logits  # (N, T, V)
         return self._decoder(self._rows(ctx, rows), decoder_in, cache=self._cache(ctx, rows),
-                             use_cache=True).logits  # (N, T, V)
+                             use_cache=True).logits
 
     def begin(self, ctx: Contexts, rows: torch.Tensor) -> tuple[DecodeState, torch.Tensor]:
         start = torch.full((len(rows), 1), self.start_id, dtype=torch.long, device=self.device)

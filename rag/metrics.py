@@ -1,5 +1,6 @@
 """QA metrics: SQuAD-normalised exact match and token F1 (max over gold answers), regular-expression match
-(CuratedTREC), and retrieval answer-recall (a gold answer string inside a retrieved passage)."""
+(CuratedTREC), retrieval answer-recall (a gold answer string inside a retrieved passage), and for generation tasks
+BLEU-1 (nltk) and ROUGE-L (longest common subsequence F-measure), both on normalised tokens."""
 
 from __future__ import annotations
 
@@ -53,12 +54,59 @@ def regex_match(prediction: str, patterns: Iterable[str]) -> float:
     return 0.0
 
 
-def has_answer(text: str, golds: Iterable[str]) -> bool:
-    """A normalised gold answer occurs in the normalised text as whole words."""
+def has_answer(text: str, golds: Iterable[str], patterns: bool = False) -> bool:
+    """A normalised gold answer occurs in the normalised text as whole words (with `patterns`, a gold regular
+    expression matches somewhere in the text, as DPR scores CuratedTREC)."""
+    if patterns:
+        for pattern in golds:
+            try:
+                if re.search(pattern, text, flags=re.IGNORECASE | re.UNICODE) is not None:
+                    return True
+            except re.error:
+                continue
+        return False
     hay = f" {normalize_answer(text)} "
     return any(n and f" {n} " in hay for n in (normalize_answer(g) for g in golds))
 
 
-def recall_at_k(passages: list[str], golds: Iterable[str], k: int) -> float:
+def recall_at_k(passages: list[str], golds: Iterable[str], k: int, patterns: bool = False) -> float:
     golds = list(golds)
-    return float(any(has_answer(p, golds) for p in passages[:k]))
+    return float(any(has_answer(p, golds, patterns) for p in passages[:k]))
+
+
+def bleu1(prediction: str, golds: Iterable[str]) -> float:
+    """Sentence BLEU-1 of the prediction against every gold answer as references (nltk), normalised tokens."""
+    from nltk.translate.bleu_score import sentence_bleu
+
+    hyp = normalize_answer(prediction).split()
+    refs = [r for r in (normalize_answer(g).split() for g in golds) if r]
+    if not hyp or not refs:
+        return float(not hyp and not refs)
+    if not set(hyp) & {w for r in refs for w in r}:
+        return 0.0  # no unigram in common (nltk would say so with a warning)
+    return float(sentence_bleu(refs, hyp, weights=(1.0,)))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0  # row[j-1] of the previous row
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, golds: Iterable[str]) -> float:
+    """ROUGE-L F1 (longest common subsequence of normalised tokens), max over gold answers."""
+    p = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        g = normalize_answer(gold).split()
+        if not p or not g:
+            best = max(best, float(p == g))
+            continue
+        lcs = _lcs(p, g)
+        if lcs:
+            precision, recall = lcs / len(p), lcs / len(g)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best

@@ -14,7 +14,7 @@ from rag.encoders import Encoder
 from rag.generator import load_generator
 from rag.index import DenseIndex
 from rag.model import RagModel
-from rag.retriever import Retriever, check_questions
+from rag.retriever import Retrieved, Retriever, check_questions
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,12 @@ class RagPipeline:
 
     def answer_batch(self, questions: list[str], mode: str | None = None,
                      decoding: DecodingConfig | dict | None = None, n_docs: int | None = None,
-                     batch_size: int = 8) -> list[Answer]:
+                     batch_size: int = 8, passages: list[list] | None = None) -> list[Answer]:
+        """Answer many questions, `batch_size` at a time. `passages` (one list per question, all of one length)
+        replaces retrieval: those passages with equal priors (None for the question alone: closed-book)."""
         questions = check_questions(questions)
+        if passages is not None and len(passages) != len(questions):
+            raise ValueError(f"{len(passages)} passage lists for {len(questions)} questions")
         mode = mode or self.cfg.mode
         if mode not in ("sequence", "token"):
             raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
@@ -139,8 +143,9 @@ class RagPipeline:
         out = []
         for s in range(0, len(questions), batch_size):
             chunk = questions[s : s + batch_size]
+            given = None if passages is None else _given(passages[s : s + batch_size], self.model.generator.device)
             with torch.inference_mode():
-                retrieved, generated = self.model.generate(chunk, mode, cfg, n_docs)
+                retrieved, generated = self.model.generate(chunk, mode, cfg, n_docs, retrieved=given)
             for b, (q, gens) in enumerate(zip(chunk, generated, strict=True)):
                 out.append(self._answer(q, mode, retrieved, b, gens[0]))
         return out
@@ -148,12 +153,24 @@ class RagPipeline:
     def _answer(self, question, mode, retrieved, b, g) -> Answer:
         passages = tuple(
             Passage(p.id, p.title, p.text, g.doc_scores[k], g.prior[k], g.posterior[k])
-            for k, p in enumerate(retrieved.passages[b])
+            for k, p in enumerate(retrieved.passages[b]) if p is not None
         )
         tok = self.model.generator.tokenizer
         return Answer(question=question, text=g.text, score=g.score, mode=mode, passages=passages,
                       tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))),
                       token_posteriors=g.token_posteriors if mode == "token" else None)
+
+
+def _given(passages: list[list], device) -> Retrieved:
+    """Passages chosen by the caller as a retrieval result with equal doc scores (a uniform prior)."""
+    import numpy as np
+
+    widths = {len(ps) for ps in passages}
+    if len(widths) != 1 or 0 in widths:
+        raise ValueError("every question needs the same, non-zero number of passages")
+    k = widths.pop()
+    return Retrieved(np.full((len(passages), k), -1), torch.zeros(len(passages), k, device=device),
+                     [list(ps) for ps in passages])
 
 
 def _build_index(cfg: RagConfig) -> None:

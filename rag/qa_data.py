@@ -19,6 +19,7 @@ class QAExample:
     question: str
     answers: tuple[str, ...]
     id: str = ""
+    patterns: bool = False  # CuratedTREC: the answers are regular expressions
 
 
 @dataclass
@@ -44,6 +45,8 @@ def _webquestions_answers(raw) -> list[str]:
 def detect_format(path: Path) -> str:
     if path.suffix == ".jsonl":
         return "jsonl"
+    if path.suffix in (".tsv", ".txt", ".csv"):
+        return "curatedtrec"
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"["):
@@ -53,7 +56,8 @@ def detect_format(path: Path) -> str:
     return "jsonl"
 
 
-def _add(out: list, report: QAReport, where: str, question, answers, on_error: str, qid: str = "") -> None:
+def _add(out: list, report: QAReport, where: str, question, answers, on_error: str, qid: str = "",
+         patterns: bool = False) -> None:
     if not isinstance(question, str) or not question.strip():
         message = f"{where}: record has no question"
         if on_error == "raise":
@@ -65,12 +69,13 @@ def _add(out: list, report: QAReport, where: str, question, answers, on_error: s
     if not answers:
         report.skipped_no_answer += 1
         return
-    out.append(QAExample(question.strip(), answers, qid))
+    out.append(QAExample(question.strip(), answers, qid, patterns))
 
 
 def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", question_field: str = "question",
             answer_field: str = "answer", report: QAReport | None = None) -> list[QAExample]:
-    """Read a QA file; `fmt` is jsonl (NQ-open style, configurable fields), webquestions, triviaqa or auto."""
+    """Read a QA file; `fmt` is jsonl (NQ-open style, configurable fields), webquestions, triviaqa, curatedtrec
+    (DPR's TSV: question, then a JSON list of answer regular expressions) or auto (by extension and content)."""
     path = Path(path).expanduser()
     report = report if report is not None else QAReport()
     if not path.is_file():
@@ -82,6 +87,9 @@ def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", questi
             answers = rec.get(answer_field, rec.get("answers"))
             answers = [answers] if isinstance(answers, str) else answers
             _add(out, report, where, rec.get(question_field), answers, on_error, str(rec.get("id", number)))
+        return out
+    if fmt == "curatedtrec":
+        _read_curatedtrec(path, out, report, on_error)
         return out
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -101,5 +109,36 @@ def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", questi
             _add(out, report, f"{path} record {i}", rec.get("Question"), list(dict.fromkeys(
                 a for a in answers if a)), on_error, str(rec.get("QuestionId", i)))
     else:
-        raise CorpusError(f"unknown QA format {fmt!r}: use jsonl, webquestions, triviaqa or auto")
+        raise CorpusError(f"unknown QA format {fmt!r}: use jsonl, webquestions, triviaqa, curatedtrec or auto")
     return out
+
+
+def _read_curatedtrec(path: Path, out: list, report: QAReport, on_error: str) -> None:
+    """DPR's CuratedTREC files: `question<TAB>["pattern", ...]` per line (a Python list literal is accepted too)."""
+    import ast
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        question, tab, raw = line.partition("\t")
+        answers = None
+        if tab:
+            try:
+                answers = json.loads(raw)
+            except json.JSONDecodeError:
+                try:
+                    answers = ast.literal_eval(raw)  # literals only: no code runs
+                except (ValueError, SyntaxError):
+                    answers = None
+        if not isinstance(answers, list):
+            message = f"{where}: expected 'question<TAB>[answer patterns]'"
+            if on_error == "raise":
+                raise CorpusError(message + " (set on_error: skip to skip such records)")
+            report.skip(message)
+            continue
+        _add(out, report, where, question, answers, on_error, str(number), patterns=True)

@@ -143,3 +143,23 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.fixture
 def corpus_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, tiny_bert):
+    from index_builder.build import build
+    from rag.config import BuildConfig, load_config
+
+    root = tmp_path_factory.mktemp("pipe")
+    corpus = write_jsonl(root / "corpus.jsonl", DOCS)
+    cfg = load_config(BuildConfig, None, [f"output={root / 'index'}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8"])
+    return build(cfg, progress=False)
+
+
+def rag_config(index, tiny_bert, lm, **kw):
+    from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig
+
+    return RagConfig(index=str(index), query_encoder=EncoderConfig(name=str(tiny_bert), max_length=16),
+                     generator=GeneratorConfig(name=str(lm), max_target_length=8),
+                     decoding=DecodingConfig(max_new_tokens=6), n_docs=3, **kw)

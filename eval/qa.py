@@ -1,0 +1,247 @@
+"""Evaluate open-domain QA: exact match, F1, retrieval answer-recall@k, BLEU-1 and ROUGE-L, per mode.
+
+    python -m eval.qa --config configs/rag/demo.yaml --data ../shared/data/qa/nq-open.dev.jsonl --limit 500 \\
+        --mode retrieval,token,sequence,closed-book,concat --out runs/eval/nq-demo
+
+Modes, all on the same questions:
+  sequence, token   RAG-sequence / RAG-token decoding over the top n_docs passages
+  retrieval         retrieval only: answer-recall@1/5/20/100
+  closed-book       the generator alone, no passages
+  concat            the top n_docs passages joined into one prompt (what most RAG libraries do)
+
+Writes OUT/predictions.MODE.jsonl (one line per question: question, gold, prediction, metrics, retrieved ids,
+titles, scores), OUT/summary.json and OUT/summary.md. An interrupted run resumes: questions already in a
+predictions file are not asked again. Scores are reported on all questions and on the "answerable" subset, whose
+gold answer occurs somewhere in the index's passages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rag.metrics import bleu1, exact_match, f1_score, has_answer, normalize_answer, recall_at_k, regex_match, rouge_l
+
+log = logging.getLogger(__name__)
+
+MODES = ("retrieval", "sequence", "token", "closed-book", "concat")
+RECALL_KS = (1, 5, 20, 100)
+
+
+def load_pipeline(config: str, overrides: list[str]):
+    from rag.pipeline import RagPipeline
+
+    if (Path(config).expanduser() / "rag.yaml").is_file():
+        return RagPipeline.from_pretrained(config, tuple(overrides))
+    return RagPipeline.from_config(config, tuple(overrides))
+
+
+def answerable(examples, index) -> list[bool]:
+    """Whether a gold answer occurs in some passage of the index (normalised, whole words; regex for patterns)."""
+    texts = index.store.table.column("text").to_pylist()
+    if len(index.deleted):
+        gone = set(index.deleted.tolist())
+        texts = [t for i, t in enumerate(texts) if i not in gone]
+    normalised = " " + " ".join(normalize_answer(t) for t in texts) + " "
+    raw = "\n".join(texts)
+    out = []
+    for e in examples:
+        if e.patterns:
+            out.append(has_answer(raw, e.answers, patterns=True))
+        else:
+            out.append(any(n and f" {n} " in normalised for n in (normalize_answer(a) for a in e.answers)))
+    return out
+
+
+def score(prediction: str, example) -> dict:
+    if example.patterns:
+        em = regex_match(prediction, example.answers)
+        return {"em": em, "f1": em, "bleu1": em, "rouge_l": em}
+    return {"em": exact_match(prediction, example.answers), "f1": f1_score(prediction, example.answers),
+            "bleu1": bleu1(prediction, example.answers), "rouge_l": rouge_l(prediction, example.answers)}
+
+
+def _done(path: Path) -> dict[int, dict]:
+    """Records of an earlier, interrupted run (a torn last line is dropped and asked again)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["index"]] = rec
+    return done
+
+
+def run_mode(pipe, mode: str, examples, flags: list[bool], out: Path, n_docs: int, batch_size: int,
+             decoding: dict, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    path = out / f"predictions.{mode}.jsonl"
+    done = _done(path)
+    todo = [i for i in range(len(examples)) if i not in done]
+    if done:
+        log.info("%s: %d of %d questions already done in %s", mode, len(done), len(examples), path)
+        path.write_text("".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done)),
+                        encoding="utf-8")  # drop a torn last line before appending
+    bar = tqdm(total=len(examples), initial=len(done), desc=mode, disable=not progress)
+    with open(path, "a", encoding="utf-8") as f:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            for i, rec in zip(chunk, _ask(pipe, mode, [examples[i] for i in chunk], n_docs, decoding), strict=True):
+                done[i] = rec = {"index": i, "id": examples[i].id, "answerable": flags[i], **rec}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return [done[i] for i in range(len(examples))]
+
+
+def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
+    questions = [e.question for e in examples]
+    if mode == "retrieval":
+        import torch
+
+        with torch.inference_mode():
+            hits = pipe.model.retriever(questions, max(RECALL_KS))
+        out = []
+        for b, e in enumerate(examples):
+            texts = [p.text for p in hits.passages[b]]
+            out.append({"question": e.question, "gold": list(e.answers), "prediction": None,
+                        **{f"recall@{k}": recall_at_k(texts, e.answers, k, e.patterns) for k in RECALL_KS},
+                        "retrieved": [p.id for p in hits.passages[b][:n_docs]],
+                        "titles": [p.title for p in hits.passages[b][:n_docs]],
+                        "scores": [round(float(x), 4) for x in hits.doc_scores[b][:n_docs]]})
+        return out
+    if mode in ("sequence", "token"):
+        answers = pipe.answer_batch(questions, mode=mode, n_docs=n_docs, decoding=decoding or None)
+    elif mode == "closed-book":
+        answers = pipe.answer_batch(questions, mode="token", decoding=decoding or None,
+                                    passages=[[None] for _ in questions])
+    else:  # concat: the top passages, best first, as one passage of n_docs times the usual length
+        answers = _concat(pipe, questions, n_docs, decoding)
+    out = []
+    for e, a in zip(examples, answers, strict=True):
+        texts = [p.text for p in a.passages]
+        out.append({"question": e.question, "gold": list(e.answers), "prediction": a.text, **score(a.text, e),
+                    f"recall@{n_docs}": recall_at_k(texts, e.answers, n_docs, e.patterns) if texts else None,
+                    "retrieved": [p.id for p in a.passages], "titles": [p.title for p in a.passages],
+                    "scores": [round(p.score, 4) for p in a.passages],
+                    "posteriors": [round(p.posterior, 4) for p in a.passages]})
+    return out
+
+
+def _concat(pipe, questions: list[str], n_docs: int, decoding: dict):
+    import torch
+
+    from rag.passages import Passage
+
+    with torch.inference_mode():
+        hits = pipe.model.retriever(questions, n_docs)
+    joined = [[Passage(id="+".join(p.id for p in ps), doc_id="", title=ps[0].title,
+                       text="\n\n".join(f"{p.title}: {p.text}" for p in ps))] for ps in hits.passages]
+    gen = pipe.model.generator
+    saved = gen.cfg
+    gen.cfg = dataclasses.replace(saved, max_context_length=saved.max_context_length * n_docs)
+    try:
+        answers = pipe.answer_batch(questions, mode="token", decoding=decoding or None, passages=joined)
+    finally:
+        gen.cfg = saved
+    return answers
+
+
+def summarise(records: list[dict], mode: str, n_docs: int) -> dict:
+    """Mean of every metric on all questions and on the answerable subset."""
+    keys = [f"recall@{k}" for k in RECALL_KS] if mode == "retrieval" else \
+        ["em", "f1", "bleu1", "rouge_l", f"recall@{n_docs}"]
+    out = {}
+    for subset, rows in (("all", records), ("answerable", [r for r in records if r["answerable"]])):
+        out[subset] = {"n": len(rows)}
+        for k in keys:
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            if vals:
+                out[subset][k] = 100 * sum(vals) / len(vals)
+    return out
+
+
+def markdown(summary: dict, modes: list[str], n_docs: int) -> str:
+    cols = ["em", "f1", "bleu1", "rouge_l", f"recall@{n_docs}", *(f"recall@{k}" for k in RECALL_KS)]
+    cols = list(dict.fromkeys(cols))
+    lines = ["| mode | questions | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for mode in modes:
+        for subset in ("all", "answerable"):
+            row = summary[mode][subset]
+            cells = [f"{row[c]:.1f}" if c in row else "" for c in cols]
+            lines.append(f"| {mode} ({subset}) | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(pipe, examples, modes: list[str], out: Path, n_docs: int | None = None, batch_size: int = 8,
+             decoding: dict | None = None, progress: bool = True) -> dict:
+    n_docs = n_docs or pipe.cfg.n_docs
+    out.mkdir(parents=True, exist_ok=True)
+    flags = answerable(examples, pipe.model.retriever.index)
+    summary = {}
+    for mode in modes:
+        records = run_mode(pipe, mode, examples, flags, out, n_docs, batch_size, decoding or {}, progress)
+        summary[mode] = summarise(records, mode, n_docs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(markdown(summary, modes, n_docs), encoding="utf-8")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rag-eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/rag/demo.yaml", help="a RAG config YAML or a save_pretrained folder")
+    ap.add_argument("--data", required=True, help="QA file: NQ-open JSON Lines, WebQuestions, TriviaQA, CuratedTREC")
+    ap.add_argument("--format", default="auto", choices=["auto", "jsonl", "webquestions", "triviaqa", "curatedtrec"])
+    ap.add_argument("--question-field", default="question", help="JSON Lines: the question's field")
+    ap.add_argument("--answer-field", default="answer", help="JSON Lines: the answers' field (a list or a string)")
+    ap.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="malformed records")
+    ap.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    ap.add_argument("--mode", default="token", help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--n-docs", type=int, default=None, help="passages per question (default: the config's)")
+    ap.add_argument("--beams", type=int, default=None, help="beam size (default: the config's decoding)")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a RAG config key")
+    ap.add_argument("--out", default="runs/eval", help="folder for predictions and the summary")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rag.config import ConfigError
+    from rag.passages import CorpusError
+    from rag.qa_data import QAReport, read_qa
+
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        ap.error(f"unknown mode {bad}: choose from {', '.join(MODES)}")
+    decoding = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    try:
+        report = QAReport()
+        examples = read_qa(args.data, args.format, args.on_error, args.question_field, args.answer_field, report)
+        examples = examples[: args.limit] if args.limit else examples
+        if not examples:
+            raise CorpusError(f"no questions with answers in {args.data}")
+        log.info("%d questions (%d without answers, %d malformed skipped)", len(examples), report.skipped_no_answer,
+                 report.skipped_malformed)
+        pipe = load_pipeline(args.config, args.set)
+        summary = evaluate(pipe, examples, modes, Path(args.out).expanduser(), args.n_docs, args.batch_size, decoding,
+                           progress=not args.quiet)
+    except (ConfigError, CorpusError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(summary, modes, args.n_docs or pipe.cfg.n_docs), end="")
+    print(f"predictions and summary in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
