@@ -27,10 +27,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _show(ans) -> str:
-    lines = [f"Q: {ans.question}", f"A: {ans.text}    (RAG-{ans.mode}, log p = {ans.score:.3f})", "", "passages:"]
+    lines = [f"Q: {ans.question}", f"A: {ans.text}    (RAG-{ans.mode}, log p = {ans.score:.3f})"]
+    if ans.supported:
+        titles = ", ".join(dict.fromkeys(f"[{ans.passages[k].title}]" for k in ans.supporting))
+        lines.append(f"   supported by passage {', '.join(str(k + 1) for k in ans.supporting)}: {titles} "
+                     f"(posterior mass {ans.support:.2f})")
+    elif ans.supporting:
+        lines.append(f"   weakly supported: the answer is in passage {', '.join(str(k + 1) for k in ans.supporting)} "
+                     f"but those hold only {ans.support:.2f} of the posterior; treat it as a guess")
+    else:
+        lines.append("   not supported: the answer occurs in none of the retrieved passages; it is the generator's "
+                     "guess, not something the index says")
+    lines += ["", "passages:"]
     for i, p in enumerate(ans.passages, 1):
         text = p.text if len(p.text) < 160 else p.text[:157] + "..."
-        lines.append(f"  {i}. score {p.score:6.3f}  p(z|x) {p.prior:.3f}  p(z|x,y) {p.posterior:.3f}  "
+        mark = "*" if i - 1 in ans.supporting else " "
+        lines.append(f" {mark}{i}. score {p.score:6.3f}  p(z|x) {p.prior:.3f}  p(z|x,y) {p.posterior:.3f}  "
                      f"[{p.title}] {text}")
     return "\n".join(lines)
 
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IndexFolderError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(asdict(ans), indent=2) if args.json else _show(ans))
+    print(json.dumps({**asdict(ans), "supported": ans.supported}, indent=2) if args.json else _show(ans))
     return 0
 
 

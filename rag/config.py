@@ -6,6 +6,7 @@ An unknown key is an error that names it; `--set section.key=value` overrides ar
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class GeneratorConfig:
     system_prompt: str = "Answer the question from the passage with a short phrase."
     prompt_template: str = "{title}: {text}\n\nQuestion: {question}"
     closed_book_template: str = "Question: {question}"
+    # Causal: text the answer turn starts with (e.g. "The answer is:"), so that what follows is the answer itself.
+    answer_prefix: str = ""
+    # Decoding ends at any token whose text contains one of these strings (e.g. "\n" for one-line answers).
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,9 @@ class DecodingConfig:
     # RAG-sequence: "thorough" scores every hypothesis under every passage; "fast" takes p(y|x,z) = 0 where
     # y was not in z's beam (no extra forward passes).
     sequence_decoding: Literal["thorough", "fast"] = "thorough"
+    # Extractive decoding: every answer is a span copied from a retrieved passage (its title or text); each new
+    # token must continue such a span, and the answer may end (EOS or a stop string) after any token.
+    copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        return float(value)  # YAML 1.1 reads "5e-5" (no dot) as a string
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -222,7 +232,7 @@ class RagConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: tuple[str, ...] = ()
-    format: Literal["auto", "jsonl", "webquestions", "triviaqa"] = "auto"
+    format: Literal["auto", "jsonl", "webquestions", "triviaqa", "curatedtrec"] = "auto"
     dev: str | None = None
     dev_limit: int = 200
     on_error: Literal["raise", "skip"] = "raise"

@@ -179,17 +179,23 @@ def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: i
     return out
 
 
-def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator) -> list[list[Hypothesis]]:
+def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None) -> list[list[Hypothesis]]:
+    """`spans` (per decoding row, the token sequences it may copy from) when `cfg.copy`."""
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     run = greedy if cfg.num_beams == 1 else beam_search
+    if cfg.copy:
+        from rag.copying import CopyStepper
+
+        stepper = CopyStepper(stepper, [s for s in spans for _ in range(cfg.num_beams)], gen.eos_ids)
     with torch.inference_mode():
         return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
 
 
 def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
     """RAG-token decoding: a search over the marginal next-token distribution (eq. 2)."""
-    B = doc_lp.shape[0]
-    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen)
+    B, K = doc_lp.shape
+    spans = [[gen.span_ids(p) for p in ctx.passages[b * K : (b + 1) * K]] for b in range(B)] if cfg.copy else None
+    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen, spans)
     return [h[: cfg.num_return_sequences] for h in hyps]
 
 
@@ -217,7 +223,8 @@ def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decod
     "thorough" (every hypothesis scored under every passage) or "fast" (p(y|x,z) = 0 outside z's beam)."""
     B, K = doc_lp.shape
     rows = torch.arange(B * K, device=doc_lp.device)
-    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen)
+    spans = [[gen.span_ids(p)] for p in ctx.passages] if cfg.copy else None
+    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen, spans)
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     out = []
     for b in range(B):

@@ -28,6 +28,7 @@ class Contexts:
 
     input_ids: torch.Tensor  # (R, S)
     attention_mask: torch.Tensor  # (R, S)
+    passages: list = field(default_factory=list)  # (R,) the passage of each row (None: the question alone)
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
     cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row
@@ -64,7 +65,10 @@ class Generator(nn.Module):
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
             else tokenizer.eos_token_id
         self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        self.eos_id = self.eos_ids[0]
+        self.eos_id = self.eos_ids[0]  # what training targets end with
+        if cfg.stop:  # stop strings end decoding like EOS; the answer text leaves them out
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            self.eos_ids += [i for i, t in enumerate(texts) if i not in self.eos_ids and any(s in t for s in cfg.stop)]
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +96,13 @@ class Generator(nn.Module):
         return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
                          + [self.eos_id] for a in answers])
 
+    def span_ids(self, passage: Passage | None) -> list[int]:
+        """Token ids of a passage's title and text as an answer would spell them (after a space), for copying."""
+        if passage is None:
+            return []
+        text = self.truncate(passage.text) if hasattr(self, "truncate") else passage.text
+        return self.tokenizer(" " + _clean_title(passage.title) + ": " + text, add_special_tokens=False)["input_ids"]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids and i != self.pad_id],
                                      skip_special_tokens=True).strip()
@@ -115,7 +126,7 @@ class Seq2SeqGenerator(Generator):
     def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
         enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
                              truncation=True, padding=True, return_tensors="pt").to(self.device)
-        return Contexts(enc["input_ids"], enc["attention_mask"])
+        return Contexts(enc["input_ids"], enc["attention_mask"], [p for ps in passages for p in ps])
 
     def encode(self, ctx: Contexts) -> torch.Tensor:
         """The encoder runs once per context row; every beam and hypothesis reuses its output."""
@@ -225,10 +236,11 @@ class CausalGenerator(Generator):
             text = self.truncate(passage.text)
             user = self.cfg.prompt_template.format(title=_clean_title(passage.title), text=text, question=question)
         if not self.use_chat:
-            return user
+            return user + self.cfg.answer_prefix
         messages = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else [])
         messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
+            self.cfg.answer_prefix
 
     def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
         texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
@@ -239,7 +251,7 @@ class CausalGenerator(Generator):
         for i, x in enumerate(ids):  # left padding: every prompt ends where the answer starts
             input_ids[i, width - len(x):] = torch.tensor(x)
             mask[i, width - len(x):] = 1
-        return Contexts(input_ids.to(self.device), mask.to(self.device))
+        return Contexts(input_ids.to(self.device), mask.to(self.device), [p for ps in passages for p in ps])
 
     def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
         extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}

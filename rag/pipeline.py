@@ -13,6 +13,7 @@ from rag.config import DecodingConfig, RagConfig, apply_overrides, from_dict, lo
 from rag.encoders import Encoder
 from rag.generator import load_generator
 from rag.index import DenseIndex
+from rag.metrics import has_answer
 from rag.model import RagModel
 from rag.retriever import Retrieved, Retriever, check_questions
 
@@ -41,6 +42,18 @@ class Answer:
     tokens: tuple[str, ...] = ()
     # RAG-token: (T, K) p(z | x, y_1..t) per answer token, so a person can see which passage produced which word
     token_posteriors: tuple[tuple[float, ...], ...] | None = None
+    # Indices of the passages that contain the answer (normalised, whole words), and their posterior mass.
+    supporting: tuple[int, ...] = ()
+    support: float = 0.0
+
+    @property
+    def supported(self) -> bool:
+        """Whether the retrieved passages back the answer: it occurs in a passage that holds at least
+        `SUPPORT_MIN` of the posterior. Otherwise the answer is the generator's guess, not read from a passage."""
+        return bool(self.supporting) and self.support >= SUPPORT_MIN
+
+
+SUPPORT_MIN = 0.2  # posterior mass; with k=5 a fifth is what one passage holds under a uniform posterior
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -156,9 +169,11 @@ class RagPipeline:
             for k, p in enumerate(retrieved.passages[b]) if p is not None
         )
         tok = self.model.generator.tokenizer
+        supporting = tuple(k for k, p in enumerate(passages) if g.text.strip() and has_answer(p.text, [g.text]))
         return Answer(question=question, text=g.text, score=g.score, mode=mode, passages=passages,
                       tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))),
-                      token_posteriors=g.token_posteriors if mode == "token" else None)
+                      token_posteriors=g.token_posteriors if mode == "token" else None,
+                      supporting=supporting, support=sum(passages[k].posterior for k in supporting))
 
 
 def _given(passages: list[list], device) -> Retrieved:

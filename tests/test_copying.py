@@ -1,0 +1,90 @@
+import dataclasses
+
+import pytest
+import torch
+
+from rag.copying import CopyStepper
+from rag.pipeline import RagPipeline
+from tests.conftest import rag_config
+
+
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def pipe(request, tiny_index, tiny_bert, tiny_lms):
+    return RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
+
+
+@pytest.mark.parametrize("mode, beams", [("token", 1), ("token", 3), ("sequence", 1), ("sequence", 2)])
+def test_copied_answers_are_passage_spans(pipe, mode, beams):
+    gen = pipe.model.generator
+    questions = ["what is the capital of france ?", "who wrote the novel ?", "the moon rocket"]
+    answers = pipe.answer_batch(questions, mode=mode, decoding={"copy": True, "num_beams": beams,
+                                                                "max_new_tokens": 5})
+    free = pipe.answer_batch(questions, mode=mode, decoding={"num_beams": beams, "max_new_tokens": 5})
+    assert any(a.text != f.text for a, f in zip(answers, free, strict=True))  # random weights rarely copy alone
+    for a in answers:
+        ids = [i for i in gen.tokenizer.convert_tokens_to_ids(list(a.tokens)) if i not in gen.eos_ids]
+        assert ids, "an extractive answer has at least one token"
+        spans = [gen.span_ids(p) for p in a.passages]
+        assert any(_contains(s, ids) for s in spans), (a.text, a.tokens)
+
+
+class _Uniform:
+    """A stepper whose every next token is equally likely, over a 10-token vocabulary."""
+
+    def start(self):
+        return torch.zeros(2, 10)
+
+    def step(self, tokens):
+        return torch.zeros(2, 10)
+
+    def reorder(self, index):
+        pass
+
+
+def test_copy_mask_follows_the_span():
+    stepper = CopyStepper(_Uniform(), spans=[[[3, 4, 5], [4, 6, 0]], [[]]], eos=[0])
+    lp = stepper.start()
+    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [3, 4, 5, 6]  # any passage token but an end
+    assert torch.isfinite(lp[1]).all()  # no passage: no constraint
+    lp = stepper.step(torch.tensor([4, 7]))
+    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [0, 5, 6]  # continue either span, or stop
+    lp = stepper.step(torch.tensor([6, 7]))
+    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [0]  # only the end follows
+
+
+def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):
+    base = rag_config(tiny_index, tiny_bert, tiny_lms["llama"])
+    free = RagPipeline.from_config(base).answer("what is the capital of france ?", decoding={"max_new_tokens": 6})
+    assert len(free.tokens) >= 2, "the tiny model should say more than one token unprompted"
+    stop_word = free.tokens[1].lstrip("Ġ▁")
+    cfg = dataclasses.replace(base, generator=dataclasses.replace(base.generator, stop=(stop_word,),
+                                                                  answer_prefix=" answer :"))
+    pipe = RagPipeline.from_config(cfg)
+    gen = pipe.model.generator
+    stop_id = gen.tokenizer.convert_tokens_to_ids(free.tokens[1])
+    assert stop_id in gen.eos_ids and gen.eos_id != stop_id  # decoding stops there; targets still end with EOS
+    assert gen.prompt("q ?", None).endswith(" answer :")
+    ans = pipe.answer("what is the capital of france ?", decoding={"max_new_tokens": 6})
+    assert stop_word not in ans.text.split()
+
+
+def test_answers_say_whether_the_passages_support_them(pipe):
+    import json
+
+    from rag.cli import _show
+    from rag.metrics import has_answer
+
+    for a in pipe.answer_batch(["what is the capital of france ?", "who wrote the novel ?"],
+                               decoding={"copy": True, "max_new_tokens": 3}):
+        assert a.supporting == tuple(k for k, p in enumerate(a.passages) if has_answer(p.text, [a.text]))
+        assert a.support == pytest.approx(sum(a.passages[k].posterior for k in a.supporting))
+        shown = _show(a)
+        assert ("supported by passage" in shown) == a.supported
+        assert ("not supported" in shown) == (not a.supporting)
+    fake = dataclasses.replace(a, text="zebra", supporting=(), support=0.0)
+    assert not fake.supported and "not supported" in _show(fake)
+    assert json.loads(json.dumps({"supported": fake.supported}))["supported"] is False
