@@ -30,7 +30,8 @@ def _show(ans) -> str:
     lines = [f"Q: {ans.question}", f"A: {ans.text}    (RAG-{ans.mode}, log p = {ans.score:.3f})"]
     if ans.supported:
         titles = ", ".join(dict.fromkeys(f"[{ans.passages[k].title}]" for k in ans.supporting))
-        lines.append(f"   supported by passage {', '.join(str(k + 1) for k in ans.supporting)}: {titles} "
+        which = ", ".join(str(k + 1) for k in ans.supporting)
+        lines.append(f"   supported by passage{'s' if len(ans.supporting) > 1 else ''} {which}: {titles} "
                      f"(posterior mass {ans.support:.2f})")
     elif ans.supporting:
         lines.append(f"   weakly supported: the answer is in passage {', '.join(str(k + 1) for k in ans.supporting)} "
@@ -50,6 +51,9 @@ def _show(ans) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in an answer
     from rag.config import ConfigError
     from rag.index import IndexFolderError
     from rag.pipeline import RagPipeline

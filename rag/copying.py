@@ -1,8 +1,12 @@
 """Extractive decoding (`decoding.copy`): restrict every decoding row to continuations of a span of its passages.
 
-A row's state is the set of positions in its passages' token sequences where the tokens generated so far end; the
-next token may be any token found right after one of them (at the start: any passage token), or, once something
-was generated, an end token. Everything else gets log-probability -inf before the search picks.
+A row's state is the set of positions in its passages' token sequences where the tokens generated so far end.
+- The first token may be any passage token that begins a word (or is white space before one) and is not one of the
+  question's own words: an answer seldom starts by repeating the question, nor with a quote or a comma.
+- The next token may be any token found right after one of the positions.
+- The answer may end (EOS or a stop string) once it holds a letter or digit and one of the positions sits at a word
+  boundary in its passage: "1" of "1969" cannot be an answer, "1969" can.
+Everything else gets log-probability -inf before the search picks.
 """
 
 from __future__ import annotations
@@ -11,12 +15,23 @@ import torch
 
 
 class CopyStepper:
-    """Wraps a RAG-token or per-row stepper; `spans[r]` are the token sequences row r may copy from."""
+    """Wraps a RAG-token or per-row stepper; `spans[r]` are the token sequences row r may copy from, `banned[r]`
+    the tokens its answer may not start with, `text(t)` a token's text."""
 
-    def __init__(self, stepper, spans: list[list[list[int]]], eos: list[int]):
-        self.stepper, self.eos = stepper, eos
+    def __init__(self, stepper, spans: list[list[list[int]]], eos: list[int], text,
+                 banned: list[set[int]] | None = None):
+        self.stepper, self.eos, self.text = stepper, eos, text
         self.spans = spans  # per decoding row
+        self.banned = banned or [set() for _ in spans]
         self.live = [None] * len(spans)  # per row: positions (passage, index) where the copy so far ends
+        self.has_word = [False] * len(spans)
+
+    def _starts_word(self, t: int) -> bool:
+        s = self.text(t).strip()
+        return not s or s[0].isalnum()
+
+    def _boundary(self, seq: list[int], i: int) -> bool:
+        return i >= len(seq) or not self.text(seq[i])[:1].isalnum()
 
     def _mask(self, lp: torch.Tensor) -> torch.Tensor:
         allowed = torch.zeros_like(lp, dtype=torch.bool)
@@ -24,18 +39,15 @@ class CopyStepper:
             if not any(seqs):  # no passage (closed-book): nothing to copy from, no constraint
                 allowed[r] = True
                 continue
-            nxt = set()
-            if self.live[r] is None:  # nothing generated yet: a span may start anywhere, but not with an end
-                for seq in seqs:
-                    nxt.update(seq)
+            live = self.live[r]
+            if live is None:
+                nxt = {t for seq in seqs for t in seq if t not in self.banned[r] and self._starts_word(t)}
                 nxt.difference_update(self.eos)
             else:
-                nxt.update(seqs[s][i] for s, i in self.live[r] if i < len(seqs[s]))
-                nxt.update(self.eos)
-            if nxt:
-                allowed[r, list(nxt)] = True
-            else:
-                allowed[r, self.eos] = True
+                nxt = {seqs[s][i] for s, i in live if i < len(seqs[s])}
+                if not nxt or (self.has_word[r] and any(self._boundary(seqs[s], i) for s, i in live)):
+                    nxt.update(self.eos)
+            allowed[r, list(nxt)] = True
         return lp.masked_fill(~allowed, float("-inf"))
 
     def _advance(self, tokens: torch.Tensor) -> None:
@@ -45,6 +57,7 @@ class CopyStepper:
                 self.live[r] = [(s, i + 1) for s, seq in enumerate(seqs) for i, t in enumerate(seq) if t == x]
             else:
                 self.live[r] = [(s, i + 1) for s, i in self.live[r] if i < len(seqs[s]) and seqs[s][i] == x]
+            self.has_word[r] = self.has_word[r] or any(c.isalnum() for c in self.text(x))
 
     def start(self) -> torch.Tensor:
         return self._mask(self.stepper.start())
@@ -57,5 +70,12 @@ class CopyStepper:
         idx = index.tolist()
         self.live = [self.live[i] for i in idx]
         self.spans = [self.spans[i] for i in idx]
+        self.banned = [self.banned[i] for i in idx]
+        self.has_word = [self.has_word[i] for i in idx]
         self.stepper.reorder(index)
 
+
+def question_words(gen, question: str, spans: list[list[int]]) -> set[int]:
+    """The tokens of `spans` whose text is a word of the question (case and space ignored)."""
+    words = {w.lower() for w in question.split()} | {w.strip("?.,!\"'").lower() for w in question.split()}
+    return {t for t in {t for seq in spans for t in seq} if gen.token_text(t).strip().lower() in words}

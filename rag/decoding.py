@@ -179,14 +179,19 @@ def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: i
     return out
 
 
-def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None) -> list[list[Hypothesis]]:
-    """`spans` (per decoding row, the token sequences it may copy from) when `cfg.copy`."""
+def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None,
+           questions=None) -> list[list[Hypothesis]]:
+    """With `cfg.copy`: `spans` and `questions`, per row before beams, the token sequences it may copy from and
+    the question it answers."""
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     run = greedy if cfg.num_beams == 1 else beam_search
     if cfg.copy:
-        from rag.copying import CopyStepper
+        from rag.copying import CopyStepper, question_words
 
-        stepper = CopyStepper(stepper, [s for s in spans for _ in range(cfg.num_beams)], gen.eos_ids)
+        banned = [question_words(gen, q, s) for q, s in zip(questions, spans, strict=True)]
+        W = cfg.num_beams
+        stepper = CopyStepper(stepper, [s for s in spans for _ in range(W)], gen.eos_ids, gen.token_text,
+                              [b for b in banned for _ in range(W)])
     with torch.inference_mode():
         return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
 
@@ -195,7 +200,7 @@ def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decoding
     """RAG-token decoding: a search over the marginal next-token distribution (eq. 2)."""
     B, K = doc_lp.shape
     spans = [[gen.span_ids(p) for p in ctx.passages[b * K : (b + 1) * K]] for b in range(B)] if cfg.copy else None
-    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen, spans)
+    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen, spans, ctx.questions)
     return [h[: cfg.num_return_sequences] for h in hyps]
 
 
@@ -224,7 +229,8 @@ def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decod
     B, K = doc_lp.shape
     rows = torch.arange(B * K, device=doc_lp.device)
     spans = [[gen.span_ids(p)] for p in ctx.passages] if cfg.copy else None
-    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen, spans)
+    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen, spans,
+                     [q for q in ctx.questions for _ in range(K)])
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     out = []
     for b in range(B):

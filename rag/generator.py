@@ -29,6 +29,7 @@ class Contexts:
     input_ids: torch.Tensor  # (R, S)
     attention_mask: torch.Tensor  # (R, S)
     passages: list = field(default_factory=list)  # (R,) the passage of each row (None: the question alone)
+    questions: list = field(default_factory=list)  # (B,) the questions, rows b*K .. b*K+K-1 being question b's
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
     cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row
@@ -96,6 +97,13 @@ class Generator(nn.Module):
         return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
                          + [self.eos_id] for a in answers])
 
+    def token_text(self, token: int) -> str:
+        """One token's text (cached: copying asks for the same few hundred tokens again and again)."""
+        cache = self.__dict__.setdefault("_token_texts", {})
+        if token not in cache:
+            cache[token] = self.tokenizer.decode([token])
+        return cache[token]
+
     def span_ids(self, passage: Passage | None) -> list[int]:
         """Token ids of a passage's title and text as an answer would spell them (after a space), for copying."""
         if passage is None:
@@ -126,7 +134,7 @@ class Seq2SeqGenerator(Generator):
     def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
         enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
                              truncation=True, padding=True, return_tensors="pt").to(self.device)
-        return Contexts(enc["input_ids"], enc["attention_mask"], [p for ps in passages for p in ps])
+        return Contexts(enc["input_ids"], enc["attention_mask"], [p for ps in passages for p in ps], list(questions))
 
     def encode(self, ctx: Contexts) -> torch.Tensor:
         """The encoder runs once per context row; every beam and hypothesis reuses its output."""
@@ -251,7 +259,8 @@ class CausalGenerator(Generator):
         for i, x in enumerate(ids):  # left padding: every prompt ends where the answer starts
             input_ids[i, width - len(x):] = torch.tensor(x)
             mask[i, width - len(x):] = 1
-        return Contexts(input_ids.to(self.device), mask.to(self.device), [p for ps in passages for p in ps])
+        return Contexts(input_ids.to(self.device), mask.to(self.device), [p for ps in passages for p in ps],
+                        list(questions))
 
     def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
         extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}

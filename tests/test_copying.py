@@ -33,27 +33,43 @@ def test_copied_answers_are_passage_spans(pipe, mode, beams):
 
 
 class _Uniform:
-    """A stepper whose every next token is equally likely, over a 10-token vocabulary."""
+    """A stepper whose every next token is equally likely, over a 12-token vocabulary."""
 
     def start(self):
-        return torch.zeros(2, 10)
+        return torch.zeros(2, 12)
 
     def step(self, tokens):
-        return torch.zeros(2, 10)
+        return torch.zeros(2, 12)
 
     def reorder(self, index):
         pass
 
 
+TEXT = {0: "</s>", 3: " a", 4: " b", 5: "c", 6: " d", 7: " x", 8: " ", 9: "1", 10: "9", 11: '"'}.get
+
+
+def _allowed(lp) -> list[list[int]]:
+    return [torch.isfinite(row).nonzero().flatten().tolist() for row in lp]
+
+
 def test_copy_mask_follows_the_span():
-    stepper = CopyStepper(_Uniform(), spans=[[[3, 4, 5], [4, 6, 0]], [[]]], eos=[0])
+    stepper = CopyStepper(_Uniform(), spans=[[[3, 4, 5], [4, 6, 0]], [[]]], eos=[0], text=TEXT)
     lp = stepper.start()
-    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [3, 4, 5, 6]  # any passage token but an end
+    assert _allowed(lp)[0] == [3, 4, 5, 6]  # any passage token that begins a word, but not an end
     assert torch.isfinite(lp[1]).all()  # no passage: no constraint
     lp = stepper.step(torch.tensor([4, 7]))
-    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [0, 5, 6]  # continue either span, or stop
+    assert _allowed(lp)[0] == [0, 5, 6]  # continue either span, or stop: " b" ends a word in the second
     lp = stepper.step(torch.tensor([6, 7]))
-    assert torch.isfinite(lp[0]).nonzero().flatten().tolist() == [0]  # only the end follows
+    assert _allowed(lp)[0] == [0]  # only the end follows
+
+
+def test_copied_answers_start_and_end_at_words():
+    stepper = CopyStepper(_Uniform(), spans=[[[8, 9, 10, 11]], [[3, 4, 11, 5]]], eos=[0], text=TEXT,
+                          banned=[set(), {3}])
+    assert _allowed(stepper.start()) == [[8, 9, 10], [4, 5]]  # no quote; row 2 bans the question's word " a"
+    assert _allowed(stepper.step(torch.tensor([8, 4]))) == [[9], [0, 11]]  # " " alone is no answer
+    assert _allowed(stepper.step(torch.tensor([9, 0]))) == [[10], [0]]  # "1" of "19": no end mid-number
+    assert _allowed(stepper.step(torch.tensor([10, 0]))) == [[0, 11], [0]]  # "19" may end before the quote
 
 
 def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):
@@ -83,7 +99,7 @@ def test_answers_say_whether_the_passages_support_them(pipe):
         assert a.supporting == tuple(k for k, p in enumerate(a.passages) if has_answer(p.text, [a.text]))
         assert a.support == pytest.approx(sum(a.passages[k].posterior for k in a.supporting))
         shown = _show(a)
-        assert ("supported by passage" in shown) == a.supported
+        assert ("supported by passage" in shown) == a.supported  # "passage 2" or "passages 1, 3"
         assert ("not supported" in shown) == (not a.supporting)
     fake = dataclasses.replace(a, text="zebra", supporting=(), support=0.0)
     assert not fake.supported and "not supported" in _show(fake)
