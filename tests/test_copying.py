@@ -89,8 +89,6 @@ def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):
 
 
 def test_answers_say_whether_the_passages_support_them(pipe):
-    import json
-
     from rag.cli import _show
     from rag.metrics import has_answer
 
@@ -103,4 +101,17 @@ def test_answers_say_whether_the_passages_support_them(pipe):
         assert ("not supported" in shown) == (not a.supporting)
     fake = dataclasses.replace(a, text="zebra", supporting=(), support=0.0)
     assert not fake.supported and "not supported" in _show(fake)
-    assert json.loads(json.dumps({"supported": fake.supported}))["supported"] is False
+
+
+def test_rag_ask_json_carries_the_support_signal(tmp_path, tiny_index, tiny_bert, tiny_lms, capsys):
+    import json
+
+    from rag.cli import main
+    from rag.config import save_config
+
+    save_config(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]), tmp_path / "rag.yaml")
+    assert main(["ask", "who wrote the novel ?", "--config", str(tmp_path / "rag.yaml"), "--json",
+                 "--set", "decoding.copy=true"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"supported", "supporting", "support"} <= set(out)
+    assert out["supported"] == (bool(out["supporting"]) and out["support"] >= 0.2)
