@@ -24,7 +24,17 @@ import logging
 import sys
 from pathlib import Path
 
-from rag.metrics import bleu1, exact_match, f1_score, has_answer, normalize_answer, recall_at_k, regex_match, rouge_l
+from rag.metrics import (
+    bleu1,
+    exact_match,
+    f1_score,
+    has_answer,
+    in_normalised,
+    normalize_answer,
+    recall_at_k,
+    regex_match,
+    rouge_l,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +63,7 @@ def answerable(examples, index) -> list[bool]:
         if e.patterns:
             out.append(has_answer(raw, e.answers, patterns=True))
         else:
-            out.append(any(n and f" {n} " in normalised for n in (normalize_answer(a) for a in e.answers)))
+            out.append(in_normalised(normalised, e.answers))
     return out
 
 

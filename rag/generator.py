@@ -97,6 +97,10 @@ class Generator(nn.Module):
         return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
                          + [self.eos_id] for a in answers])
 
+    def truncate(self, text: str) -> str:
+        """The passage text as the model reads it (seq2seq: whole; its tokenizer truncates the joined input)."""
+        return text
+
     def token_text(self, token: int) -> str:
         """One token's text (cached: copying asks for the same few hundred tokens again and again)."""
         cache = self.__dict__.setdefault("_token_texts", {})
@@ -108,7 +112,7 @@ class Generator(nn.Module):
         """Token ids of a passage's title and text as an answer would spell them (after a space), for copying."""
         if passage is None:
             return []
-        text = self.truncate(passage.text) if hasattr(self, "truncate") else passage.text
+        text = self.truncate(passage.text)
         return self.tokenizer(" " + _clean_title(passage.title) + ": " + text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:

@@ -43,29 +43,32 @@ def f1_score(prediction: str, golds: Iterable[str]) -> float:
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
 
-def regex_match(prediction: str, patterns: Iterable[str]) -> float:
-    """CuratedTREC: a gold answer is a regular expression matched (case-insensitively) at the prediction's start."""
+def _pattern_hit(patterns: Iterable[str], text: str, find) -> bool:
     for pattern in patterns:
         try:
-            if re.match(pattern, prediction, flags=re.IGNORECASE | re.UNICODE) is not None:
-                return 1.0
-        except re.error:
+            if find(pattern, text, flags=re.IGNORECASE | re.UNICODE) is not None:
+                return True
+        except re.error:  # a malformed gold pattern matches nothing
             continue
-    return 0.0
+    return False
+
+
+def regex_match(prediction: str, patterns: Iterable[str]) -> float:
+    """CuratedTREC: a gold answer is a regular expression matched (case-insensitively) at the prediction's start."""
+    return float(_pattern_hit(patterns, prediction, re.match))
 
 
 def has_answer(text: str, golds: Iterable[str], patterns: bool = False) -> bool:
     """A normalised gold answer occurs in the normalised text as whole words (with `patterns`, a gold regular
     expression matches somewhere in the text, as DPR scores CuratedTREC)."""
     if patterns:
-        for pattern in golds:
-            try:
-                if re.search(pattern, text, flags=re.IGNORECASE | re.UNICODE) is not None:
-                    return True
-            except re.error:
-                continue
-        return False
-    hay = f" {normalize_answer(text)} "
+        return _pattern_hit(golds, text, re.search)
+    return in_normalised(f" {normalize_answer(text)} ", golds)
+
+
+def in_normalised(hay: str, golds: Iterable[str]) -> bool:
+    """A normalised gold answer occurs as whole words in `hay`, an already normalised text with a space at each
+    end (so that a large text is normalised once for many questions)."""
     return any(n and f" {n} " in hay for n in (normalize_answer(g) for g in golds))
 
 
