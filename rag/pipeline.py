@@ -169,11 +169,20 @@ class RagPipeline:
             for k, p in enumerate(retrieved.passages[b]) if p is not None
         )
         tok = self.model.generator.tokenizer
-        supporting = tuple(k for k, p in enumerate(passages) if g.text.strip() and has_answer(p.text, [g.text]))
+        supporting = supporting_passages(g.text, passages)
         return Answer(question=question, text=g.text, score=g.score, mode=mode, passages=passages,
                       tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))),
                       token_posteriors=g.token_posteriors if mode == "token" else None,
                       supporting=supporting, support=sum(passages[k].posterior for k in supporting))
+
+
+def supporting_passages(answer: str, passages) -> tuple[int, ...]:
+    """Positions of the passages whose title or text holds the answer (normalised, as exact match compares).
+
+    The title counts: the generator's prompt shows it, and copying may take the answer from it."""
+    if not answer.strip():
+        return ()
+    return tuple(k for k, p in enumerate(passages) if has_answer(f"{p.title}\n{p.text}", [answer]))
 
 
 def _given(passages: list[list], device) -> Retrieved:

