@@ -1,34 +1,115 @@
 """Extractive decoding (`decoding.copy`): restrict every decoding row to continuations of a span of its passages.
 
 A row's state is the set of positions in its passages' token sequences where the tokens generated so far end.
-- The first token may be any passage token that begins a word (or is white space before one) and is not one of the
-  question's own words: an answer seldom starts by repeating the question, nor with a quote or a comma.
+- The answer starts at a word of a passage (`answer_starts`): not one of the question's own words (an answer
+  seldom repeats the question), not a function word ("the", "in"), not a quote or a comma, and of the type the
+  question asks for when its wh-word says so ("when" a year or a date, "how many" a number, "who"/"where" a name),
+  unless no passage has a word of that type.
 - The next token may be any token found right after one of the positions.
 - The answer may end (EOS or a stop string) once it holds a letter or digit and one of the positions sits at a word
-  boundary in its passage: "1" of "1969" cannot be an answer, "1969" can.
+  boundary in its passage: "1" of "1969" cannot be an answer, "1969" can. At a boundary after `max_words` words
+  (0: no limit) it must end: NQ-style answers are at most five words.
 Everything else gets log-probability -inf before the search picks.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december"}
+NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+                "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand", "million",
+                "billion", "dozen", "half", "once", "twice", "zero"}
+# Function words an answer does not start with ("The", "In", "A" alone are no answers; exact match drops articles).
+FUNCTION_WORDS = {"a", "an", "the", "in", "on", "at", "of", "for", "to", "from", "by", "with", "and", "or", "but",
+                  "as", "is", "are", "was", "were", "be", "been", "it", "its", "this", "that", "these", "those",
+                  "he", "she", "they", "his", "her", "their", "there", "which", "who", "whom", "whose", "what",
+                  "when", "where", "also", "after", "before", "during", "since", "until", "while", "if", "than",
+                  "then", "into", "not", "has", "have", "had", "can", "may", "will", "would", "such", "some"}
+# The wh-phrase that fixes an answer's type; the earliest in the question wins ("who ... when" asks who).
+_TYPES = [
+    ("number", r"how (many|much|long|old|far|tall|big|high|deep|fast|often|large|heavy)|what (percent|percentage|"
+               r"number|age)|how many times"),
+    ("date", r"when|when's|what (year|date|day|month|century|decade|time period)|which (year|century|decade)"),
+    ("name", r"who|whom|whose|who's|where|where's"),
+]
+_TYPE_RE = [(kind, re.compile(rf"\b(?:{pattern})\b")) for kind, pattern in _TYPES]
+_OPENERS = "([{\"'“‘"
+_STRIP = "\"'“”‘’()[]{},.;:!?"
+
+
+def answer_type(question: str) -> str | None:
+    """"number", "date", "name" or None (any span) from the question's earliest typed wh-phrase."""
+    q = question.lower()
+    hits = [(m.start(), kind) for kind, rx in _TYPE_RE for m in [rx.search(q)] if m]
+    return min(hits)[1] if hits else None
+
+
+def _fits(word: str, kind: str | None) -> bool:
+    if kind is None:
+        return True
+    if kind == "name":
+        return word[0].isupper()
+    lower = word.lower()
+    if word[0].isdigit() or word[0] in "$£€":
+        return True
+    return lower in NUMBER_WORDS if kind == "number" else lower in MONTHS
+
+
+def word_starts(seq: list[int], text) -> list[tuple[int, str]]:
+    """(position, word) for each token of `seq` that begins a word: the word is its text up to the next token that
+    begins with white space, stripped of punctuation; only words that begin with a letter, digit or currency sign."""
+    texts = [text(t) for t in seq]
+    out = []
+    for i, t in enumerate(texts):
+        if i and not (t[:1].isspace() or texts[i - 1][-1:].isspace() or texts[i - 1][-1:] in _OPENERS):
+            continue
+        j = i + 1
+        while j < len(texts) and not texts[j][:1].isspace():
+            j += 1
+        word = "".join(texts[i:j]).strip().strip(_STRIP)
+        head = "".join(texts[i:j]).strip()[:1]
+        if word and (head.isalnum() or head in "$£€"):
+            out.append((i, word))
+    return out
+
+
+def _bare(word: str) -> str:
+    """A word as the question check compares it: lower case, no surrounding punctuation, no possessive."""
+    return word.strip(_STRIP).lower().removesuffix("'s").removesuffix("’s")
+
+
+def answer_starts(question: str, seqs: list[list[int]], text) -> list[tuple[int, int]]:
+    """The (passage, position) pairs where an answer to `question` may start (see the module's rules)."""
+    asked = {_bare(w) for w in question.split()} | FUNCTION_WORDS
+    words = [(s, i, w) for s, seq in enumerate(seqs) for i, w in word_starts(seq, text) if _bare(w) not in asked]
+    kind = answer_type(question)
+    typed = [(s, i) for s, i, w in words if _fits(w, kind)]
+    return typed or [(s, i) for s, i, _ in words]
 
 
 class CopyStepper:
-    """Wraps a RAG-token or per-row stepper; `spans[r]` are the token sequences row r may copy from, `banned[r]`
-    the tokens its answer may not start with, `text(t)` a token's text."""
+    """Wraps a RAG-token or per-row stepper; `spans[r]` are the token sequences row r may copy from, `questions[r]`
+    the question it answers (None: any word may start the answer), `text(t)` a token's text."""
 
     def __init__(self, stepper, spans: list[list[list[int]]], eos: list[int], text,
-                 banned: list[set[int]] | None = None):
-        self.stepper, self.eos, self.text = stepper, eos, text
+                 questions: list[str | None] | None = None, max_words: int = 0):
+        self.stepper, self.eos, self.text, self.max_words = stepper, eos, text, max_words
         self.spans = spans  # per decoding row
-        self.banned = banned or [set() for _ in spans]
+        memo = {}  # beams repeat a row's spans and question: work them out once
+        self.starts = []
+        for seqs, q in zip(spans, questions or [None] * len(spans), strict=True):
+            if (id(seqs), q) not in memo:
+                memo[id(seqs), q] = (answer_starts(q, seqs, text) if q is not None else
+                                     [(s, i) for s, seq in enumerate(seqs) for i, _ in word_starts(seq, text)])
+            self.starts.append(memo[id(seqs), q])
         self.live = [None] * len(spans)  # per row: positions (passage, index) where the copy so far ends
         self.has_word = [False] * len(spans)
-
-    def _starts_word(self, t: int) -> bool:
-        s = self.text(t).strip()
-        return not s or s[0].isalnum()
+        self.words = [0] * len(spans)  # per row: words begun so far
 
     def _boundary(self, seq: list[int], i: int) -> bool:
         return i >= len(seq) or not self.text(seq[i])[:1].isalnum()
@@ -41,11 +122,13 @@ class CopyStepper:
                 continue
             live = self.live[r]
             if live is None:
-                nxt = {t for seq in seqs for t in seq if t not in self.banned[r] and self._starts_word(t)}
+                nxt = {seqs[s][i] for s, i in self.starts[r]}
                 nxt.difference_update(self.eos)
             else:
                 nxt = {seqs[s][i] for s, i in live if i < len(seqs[s])}
                 if not nxt or (self.has_word[r] and any(self._boundary(seqs[s], i) for s, i in live)):
+                    if self.max_words and self.words[r] >= self.max_words:
+                        nxt.clear()
                     nxt.update(self.eos)
             allowed[r, list(nxt)] = True
         return lp.masked_fill(~allowed, float("-inf"))
@@ -53,11 +136,10 @@ class CopyStepper:
     def _advance(self, tokens: torch.Tensor) -> None:
         for r, x in enumerate(tokens.tolist()):
             seqs = self.spans[r]
-            if self.live[r] is None:
-                self.live[r] = [(s, i + 1) for s, seq in enumerate(seqs) for i, t in enumerate(seq) if t == x]
-            else:
-                self.live[r] = [(s, i + 1) for s, i in self.live[r] if i < len(seqs[s]) and seqs[s][i] == x]
+            live = self.starts[r] if self.live[r] is None else self.live[r]
+            self.live[r] = [(s, i + 1) for s, i in live if i < len(seqs[s]) and seqs[s][i] == x]
             self.has_word[r] = self.has_word[r] or any(c.isalnum() for c in self.text(x))
+            self.words[r] += live is self.starts[r] or self.text(x)[:1].isspace()
 
     def start(self) -> torch.Tensor:
         return self._mask(self.stepper.start())
@@ -70,12 +152,7 @@ class CopyStepper:
         idx = index.tolist()
         self.live = [self.live[i] for i in idx]
         self.spans = [self.spans[i] for i in idx]
-        self.banned = [self.banned[i] for i in idx]
+        self.starts = [self.starts[i] for i in idx]
         self.has_word = [self.has_word[i] for i in idx]
+        self.words = [self.words[i] for i in idx]
         self.stepper.reorder(index)
-
-
-def question_words(gen, question: str, spans: list[list[int]]) -> set[int]:
-    """The tokens of `spans` whose text is a word of the question (case and space ignored)."""
-    words = {w.lower() for w in question.split()} | {w.strip("?.,!\"'").lower() for w in question.split()}
-    return {t for t in {t for seq in spans for t in seq} if gen.token_text(t).strip().lower() in words}

@@ -186,12 +186,11 @@ def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None,
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     run = greedy if cfg.num_beams == 1 else beam_search
     if cfg.copy:
-        from rag.copying import CopyStepper, question_words
+        from rag.copying import CopyStepper
 
-        banned = [question_words(gen, q, s) for q, s in zip(questions, spans, strict=True)]
         W = cfg.num_beams
         stepper = CopyStepper(stepper, [s for s in spans for _ in range(W)], gen.eos_ids, gen.token_text,
-                              [b for b in banned for _ in range(W)])
+                              [q for q in questions for _ in range(W)], cfg.max_answer_words)
     with torch.inference_mode():
         return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
 

@@ -96,3 +96,16 @@ def token_posteriors(target_lp: torch.Tensor, doc_lp: torch.Tensor) -> torch.Ten
 def sequence_posteriors(target_lp: torch.Tensor, doc_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """p(z | x, y) ∝ p(z|x) p(y|x,z) for a whole answer -> (B, K)."""
     return torch.softmax((target_lp * mask[:, None, :].to(target_lp.dtype)).sum(-1) + doc_lp, dim=-1)
+
+
+def distant_supervision_loss(doc_scores: torch.Tensor, positive: torch.Tensor, scale: float) -> torch.Tensor:
+    """-log Σ_{z positive} softmax(scale · d(z)ᵀq(x)) over the retrieved passages, per question (B,).
+
+    `positive` (B, M) marks the passages that hold a gold answer; a question with none contributes 0. `scale`
+    sharpens cosine scores, whose softmax over [-1, 1] is nearly flat and would barely move BERT_q.
+    """
+    lp = torch.log_softmax(scale * doc_scores.float(), dim=-1)
+    has = positive.any(-1)
+    # rows without a positive take every passage (a finite, unused value) so no NaN gradient flows from -inf
+    pos = lp.masked_fill(~(positive | ~has[:, None]), float("-inf")).logsumexp(-1)
+    return -pos * has

@@ -10,6 +10,7 @@ from torch import nn
 from rag import decoding, marginal
 from rag.config import DecodingConfig
 from rag.generator import Contexts, Generator
+from rag.metrics import has_answer
 from rag.retriever import Retrieved, Retriever
 
 
@@ -47,26 +48,32 @@ class RagModel(nn.Module):
         return lp.view(B, K, T), None if vocab_sum is None else vocab_sum.view(B, K, T), full_lp
 
     def forward(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
-                smoothing: float = 0.0) -> torch.Tensor:
-        return self.loss(questions, answers, mode, n_docs, smoothing)
+                smoothing: float = 0.0, rag_weight: float = 1.0, distant_weight: float = 0.0,
+                distant_docs: int = 50, distant_scale: float = 20.0) -> torch.Tensor:
+        """rag_weight · the RAG loss + distant_weight · the distant-supervision loss of BERT_q, per question (B,).
+
+        Distant supervision (as DPR and ORQA train retrievers without gold passages): among the top
+        `distant_docs` passages, those holding the answer string are positives. With rag_weight 0 the generator
+        is not run at all."""
+        k = max(n_docs, distant_docs if distant_weight else 0)
+        retrieved = self.retriever(questions, k)
+        total = torch.zeros(len(questions), device=retrieved.doc_scores.device)
+        if distant_weight:
+            positive = torch.tensor([[has_answer(f"{p.title}\n{p.text}", [a]) for p in ps]
+                                     for ps, a in zip(retrieved.passages, answers, strict=True)],
+                                    device=retrieved.doc_scores.device)
+            total = total + distant_weight * marginal.distant_supervision_loss(retrieved.doc_scores, positive,
+                                                                              distant_scale)
+        if rag_weight:
+            top = Retrieved(retrieved.ids[:, :n_docs], retrieved.doc_scores[:, :n_docs],
+                            [ps[:n_docs] for ps in retrieved.passages])
+            total = total + rag_weight * self.loss(questions, answers, mode, n_docs, smoothing, top)
+        return total
 
     def loss(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
-             smoothing: float = 0.0) -> torch.Tensor:
+             smoothing: float = 0.0, retrieved: Retrieved | None = None) -> torch.Tensor:
         """Negative marginal log-likelihood per question (B,); gradient reaches BERT_q through the doc scores."""
-        retrieved = self.retriever(questions, n_docs)
-        K = retrieved.doc_scores.shape[1]
-        targets, mask = self.generator.target_ids(answers)  # (B, T), (B, T)
-        ctx = self.contexts(questions, retrieved)
-        # a frozen generator's log-probs are constants of the loss: no graph is kept for them
-        trains_generator = any(p.requires_grad for p in self.generator.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains_generator):
-            lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, smoothing > 0,
-                                                       full=mode == "token" and smoothing > 0)
-        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
-        if mode == "sequence":
-            return marginal.rag_sequence_loss(lp, doc_lp, mask, smoothing, vocab_sum, self.generator.vocab_size)
-        return marginal.rag_token_loss(lp, doc_lp, mask, smoothing, full)
-
+        retrieved = retrieved or self.retriever(questions, n_docs)
     @torch.inference_mode()
     def generate(self, questions: list[str], mode: str, cfg: DecodingConfig, n_docs: int,
                  retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:

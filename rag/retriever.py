@@ -46,6 +46,8 @@ class Retriever(nn.Module):
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
+        if self.encoder.cfg.question_mark:
+            questions = [q if q.rstrip().endswith("?") else q.rstrip() + "?" for q in questions]
         limit = self.encoder.max_length
         if not self._warned_long:
             lengths = [len(x) for x in self.encoder.tokenizer(questions)["input_ids"]]

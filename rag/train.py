@@ -135,6 +135,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     model.generator.requires_grad_(cfg.train_generator)
     if not (cfg.train_query_encoder or cfg.train_generator):
         raise TrainingError("nothing to train: set train_query_encoder or train_generator")
+    if cfg.rag_loss <= 0 and (cfg.train_generator or cfg.distant_loss <= 0):
+        raise TrainingError("rag_loss 0 leaves " + ("the generator without a loss; set rag_loss > 0"
+                            if cfg.train_generator else "no loss at all; set rag_loss or distant_loss > 0"))
     if cfg.gradient_checkpointing:
         for part, on in ((model.retriever.encoder.model, cfg.train_query_encoder),
                          (model.generator.model, cfg.train_generator)):
@@ -171,8 +174,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         for batch in mine:
             with acc.accumulate(model):
                 questions, answers = [q for q, _ in batch], [a for _, a in batch]
-                loss = model(questions, answers, mode=cfg.mode, n_docs=cfg.n_docs,
-                             smoothing=cfg.label_smoothing).mean()
+                loss = model(questions, answers, mode=cfg.mode, n_docs=cfg.n_docs, smoothing=cfg.label_smoothing,
+                             rag_weight=cfg.rag_loss, distant_weight=cfg.distant_loss,
+                             distant_docs=cfg.distant_docs, distant_scale=cfg.distant_scale).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {loss.item()} at step {state.step + 1} on the batch starting "
                                         f"{questions[:3]!r}; lower the learning rate or check the data")

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from rag.copying import CopyStepper
+from rag.copying import CopyStepper, answer_starts, answer_type
 from rag.pipeline import RagPipeline
 from tests.conftest import rag_config
 
@@ -55,7 +55,7 @@ def _allowed(lp) -> list[list[int]]:
 def test_copy_mask_follows_the_span():
     stepper = CopyStepper(_Uniform(), spans=[[[3, 4, 5], [4, 6, 0]], [[]]], eos=[0], text=TEXT)
     lp = stepper.start()
-    assert _allowed(lp)[0] == [3, 4, 5, 6]  # any passage token that begins a word, but not an end
+    assert _allowed(lp)[0] == [3, 4, 6]  # any passage word's first token; "c" is inside " bc", "</s>" no word
     assert torch.isfinite(lp[1]).all()  # no passage: no constraint
     lp = stepper.step(torch.tensor([4, 7]))
     assert _allowed(lp)[0] == [0, 5, 6]  # continue either span, or stop: " b" ends a word in the second
@@ -65,11 +65,48 @@ def test_copy_mask_follows_the_span():
 
 def test_copied_answers_start_and_end_at_words():
     stepper = CopyStepper(_Uniform(), spans=[[[8, 9, 10, 11]], [[3, 4, 11, 5]]], eos=[0], text=TEXT,
-                          banned=[set(), {3}])
-    assert _allowed(stepper.start()) == [[8, 9, 10], [4, 5]]  # no quote; row 2 bans the question's word " a"
+                          questions=["x ?", "d ?"])
+    assert _allowed(stepper.start()) == [[8, 9], [4, 5]]  # no quote; row 2 skips the function word " a"
     assert _allowed(stepper.step(torch.tensor([8, 4]))) == [[9], [0, 11]]  # " " alone is no answer
     assert _allowed(stepper.step(torch.tensor([9, 0]))) == [[10], [0]]  # "1" of "19": no end mid-number
     assert _allowed(stepper.step(torch.tensor([10, 0]))) == [[0, 11], [0]]  # "19" may end before the quote
+
+
+def test_an_answer_ends_after_max_words():
+    text = {0: "</s>", 1: " one", 2: " two", 3: "s", 4: " three", 5: " four"}.get
+    stepper = CopyStepper(_Uniform(), spans=[[[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 5]]], eos=[0], text=text,
+                          max_words=2)
+    stepper.start()
+    assert _allowed(stepper.step(torch.tensor([1, 2]))) == [[0, 2], [3]]  # one word: go on or end
+    assert _allowed(stepper.step(torch.tensor([2, 3]))) == [[3], [0, 4]]  # mid-word "two|s": no end yet
+    assert _allowed(stepper.step(torch.tensor([3, 4]))) == [[0], [0]]  # two words each ("one twos", "twos three")
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("when did the first world war end", "date"), ("what year was the eiffel tower built", "date"),
+    ("how many moons does mars have", "number"), ("how much does the earth weigh", "number"),
+    ("who sang when a man loves a woman", "name"), ("where is the orinoco river", "name"),
+    ("what is the capital of france", None), ("the largest moon of saturn", None),
+])
+def test_the_wh_phrase_fixes_the_answer_type(question, kind):
+    assert answer_type(question) == kind
+
+
+WORDS = {20: " In", 21: " 1969", 22: ",", 23: " Neil", 24: " Armstrong", 25: " walked", 26: " two", 27: " (",
+         28: "July", 29: ")", 30: " moon", 31: "’s"}
+
+
+def _starts(question, seq):
+    return [WORDS[seq[i]].strip() for _, i in answer_starts(question, [seq], WORDS.get)]
+
+
+def test_answers_start_at_a_word_of_the_asked_type():
+    seq = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]  # In 1969, Neil Armstrong walked two (July) moon’s
+    assert _starts("when did he walk on the moon", seq) == ["1969", "July"]
+    assert _starts("how many steps", seq) == ["1969", "two"]
+    assert _starts("who walked on the moon", seq) == ["Neil", "Armstrong", "July"]  # not "In", nor the asked "walked"
+    assert _starts("what happened on the moon", seq) == ["1969", "Neil", "Armstrong", "walked", "two", "July"]
+    assert _starts("who was there", [25, 30]) == ["walked", "moon"]  # no name anywhere: any word
 
 
 def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):

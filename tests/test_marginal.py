@@ -104,3 +104,19 @@ def test_equals_transformers_rag_loss(kind, epsilon):
             full = torch.log_softmax(logits.float(), -1).view(B, K, T, -1)
             ours = marginal.rag_token_loss(lp, doc_lp, mask, epsilon, full)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distant_supervision_loss_by_hand():
+    import math
+
+    from rag.marginal import distant_supervision_loss
+
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]], requires_grad=True)
+    positive = torch.tensor([[False, True, True], [False, False, False]])
+    loss = distant_supervision_loss(scores, positive, scale=10.0)
+    e = [math.exp(10 * s) for s in (0.9, 0.1, 0.5)]
+    assert loss[0].item() == pytest.approx(-math.log((e[1] + e[2]) / sum(e)), rel=1e-5)
+    assert loss[1].item() == 0.0  # no passage holds the answer: no signal
+    loss.sum().backward()
+    assert torch.isfinite(scores.grad).all() and (scores.grad[1] == 0).all()
+    assert scores.grad[0, 0] > 0 > scores.grad[0, 1]  # descent lowers the negative, raises the positives

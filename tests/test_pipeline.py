@@ -160,3 +160,21 @@ def test_reload_index_follows_updates(tmp_path, tiny_bert, tiny_lms):
     assert pipe.answer(q).passages[0].id.split("#")[0] == top
     shutil.copytree(tmp_path / "index", tmp_path / "other")
     assert pipe.reload_index(tmp_path / "other") == 2 and pipe.cfg.index == str(tmp_path / "other")
+
+
+def test_question_mark_option_encodes_questions_ending_in_one(pipe):
+    import dataclasses
+
+    import torch
+
+    retriever = pipe.model.retriever
+    cfg = retriever.encoder.cfg
+    plain = retriever.encode(["capital of france", "who wrote the novel ?"])
+    try:
+        retriever.encoder.cfg = dataclasses.replace(cfg, question_mark=True)
+        marked = retriever.encode(["capital of france", "who wrote the novel ?"])
+    finally:
+        retriever.encoder.cfg = cfg
+    assert torch.allclose(marked[0], retriever.encode(["capital of france?"])[0], atol=1e-6)
+    assert not torch.allclose(marked[0], plain[0])
+    assert torch.allclose(marked[1], plain[1], atol=1e-6)  # already a question: unchanged

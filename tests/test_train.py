@@ -157,3 +157,27 @@ def test_two_processes_end_with_identical_parameters(setup, tmp_path):
     hashes = [(tmp_path / "run" / f"rank{i}.txt").read_text() for i in range(2)]
     assert hashes[0] == hashes[1]
     assert json.loads(json.dumps(hashes))  # both written
+
+
+def test_distant_supervision_alone_trains_bert_q_without_the_generator(setup, tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the generator ran")
+
+    start = RagPipeline.from_config(setup[1])
+    questions, answers = ["capital of france", "capital of england", "who wrote the novel", "the moon rocket"], \
+        ["paris", "london", "austen", "apollo"]
+
+    def distant(model):
+        with torch.no_grad():
+            return model(questions, answers, n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8).mean()
+
+    before = distant(start.model).item()
+    monkeypatch.setattr(RagModel, "target_logprobs", never)
+    done = train(cfg_for(setup, tmp_path, "rag_loss=0", "distant_loss=1", "distant_docs=8", "max_steps=20",
+                         "data.dev=null", "checkpoint_every=100"), progress=False)
+    assert distant(done.pipeline.model).item() < before - 0.05
+    assert digest(done.pipeline.model.retriever.encoder) != digest(start.model.retriever.encoder)
+    with pytest.raises(TrainingError, match="no loss at all"):
+        train(cfg_for(setup, tmp_path, "rag_loss=0"), progress=False)
+    with pytest.raises(TrainingError, match="generator without a loss"):
+        train(cfg_for(setup, tmp_path, "rag_loss=0", "distant_loss=1", "train_generator=true"), progress=False)
