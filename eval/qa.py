@@ -24,17 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rag.metrics import (
-    bleu1,
-    exact_match,
-    f1_score,
-    has_answer,
-    in_normalised,
-    normalize_answer,
-    recall_at_k,
-    regex_match,
-    rouge_l,
-)
+from rag.metrics import has_answer, in_normalised, normalize_answer, recall_at_k, score_answer
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +55,6 @@ def answerable(examples, index) -> list[bool]:
         else:
             out.append(in_normalised(normalised, e.answers))
     return out
-
-
-def score(prediction: str, example) -> dict:
-    if example.patterns:
-        em = regex_match(prediction, example.answers)
-        return {"em": em, "f1": em, "bleu1": em, "rouge_l": em}
-    return {"em": exact_match(prediction, example.answers), "f1": f1_score(prediction, example.answers),
-            "bleu1": bleu1(prediction, example.answers), "rouge_l": rouge_l(prediction, example.answers)}
 
 
 def _done(path: Path) -> dict[int, dict]:
@@ -138,7 +120,8 @@ def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
     out = []
     for e, a in zip(examples, answers, strict=True):
         texts = [p.text for p in a.passages]
-        out.append({"question": e.question, "gold": list(e.answers), "prediction": a.text, **score(a.text, e),
+        out.append({"question": e.question, "gold": list(e.answers), "prediction": a.text,
+                    **score_answer(a.text, e.answers, e.patterns),
                     f"recall@{n_docs}": recall_at_k(texts, e.answers, n_docs, e.patterns) if texts else None,
                     "retrieved": [p.id for p in a.passages], "titles": [p.title for p in a.passages],
                     "scores": [round(p.score, 4) for p in a.passages],

@@ -113,3 +113,14 @@ def rouge_l(prediction: str, golds: Iterable[str]) -> float:
             precision, recall = lcs / len(p), lcs / len(g)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+def score_answer(prediction: str, golds: Iterable[str], patterns: bool = False) -> dict[str, float]:
+    """Every answer metric of one prediction: em, f1, bleu1, rouge_l; regex patterns (CuratedTREC) give their match
+    for all four, as token overlap with a pattern means nothing."""
+    golds = list(golds)
+    if patterns:
+        em = regex_match(prediction, golds)
+        return {"em": em, "f1": em, "bleu1": em, "rouge_l": em}
+    return {"em": exact_match(prediction, golds), "f1": f1_score(prediction, golds),
+            "bleu1": bleu1(prediction, golds), "rouge_l": rouge_l(prediction, golds)}

@@ -85,16 +85,17 @@ def load_pipeline(cfg: TrainConfig):
 
 def evaluate(pipe, examples, n_docs: int, mode: str) -> dict:
     """Exact match, F1 and retrieval answer-recall@k on dev examples."""
-    from rag.metrics import exact_match, f1_score, recall_at_k
+    from rag.metrics import recall_at_k, score_answer
 
     em = f1 = rec = 0.0
     for s in range(0, len(examples), 8):
         chunk = examples[s : s + 8]
         answers = pipe.answer_batch([e.question for e in chunk], mode=mode, n_docs=n_docs)
         for e, a in zip(chunk, answers, strict=True):
-            em += exact_match(a.text, e.answers)
-            f1 += f1_score(a.text, e.answers)
-            rec += recall_at_k([p.text for p in a.passages], e.answers, n_docs)
+            scores = score_answer(a.text, e.answers, e.patterns)
+            em += scores["em"]
+            f1 += scores["f1"]
+            rec += recall_at_k([p.text for p in a.passages], e.answers, n_docs, e.patterns)
     n = max(1, len(examples))
     return {"exact_match": em / n, "f1": f1 / n, f"recall@{n_docs}": rec / n}
 
