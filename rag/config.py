@@ -114,6 +114,9 @@ class DecodingConfig:
     copy: bool = False
     # With copy: the answer ends at the first word boundary after this many words (0: no limit).
     max_answer_words: int = 0
+    # With copy: copy only from the title and the best few sentences of the passages, as the query encoder ranks
+    # them against the question (0: the whole passages).
+    copy_sentences: int = 0
 
 
 @dataclass(frozen=True)

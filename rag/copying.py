@@ -14,6 +14,7 @@ Everything else gets log-probability -inf before the search picks.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -156,3 +157,28 @@ class CopyStepper:
         self.has_word = [self.has_word[i] for i in idx]
         self.words = [self.words[i] for i in idx]
         self.stepper.reorder(index)
+
+
+def focus_sentences(questions: list[str], passages: list, retriever, truncate, keep: int) -> list:
+    """The passages (R = B·K rows) cut to the `keep` sentences of each question's K passages that its query
+    encoder ranks highest (cosine of the question and the sentence), in passage order; a passage with none keeps
+    only its title. Copying from these points the small reader at the sentence that answers."""
+    from rag.passages import sentence_splitter
+
+    split = sentence_splitter()
+    K = len(passages) // len(questions)
+    out = []
+    for b, question in enumerate(questions):
+        mine = passages[b * K : (b + 1) * K]
+        sents = [(k, s) for k, p in enumerate(mine) if p is not None for s in split(truncate(p.text))]
+        chosen: set[int] = set()
+        if sents:
+            enc = retriever.encoder.tokenize([s for _, s in sents])
+            with torch.inference_mode():
+                q = retriever.encode([question])[0]
+                vecs = retriever.encoder(**{k: v.to(retriever.encoder.device) for k, v in enc.items()})
+            chosen = set((vecs @ q).topk(min(keep, len(sents))).indices.tolist())
+        for k, p in enumerate(mine):
+            text = " ".join(s for j, (kk, s) in enumerate(sents) if kk == k and j in chosen)
+            out.append(None if p is None else dataclasses.replace(p, text=text))
+    return out

@@ -198,7 +198,8 @@ def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None,
 def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
     """RAG-token decoding: a search over the marginal next-token distribution (eq. 2)."""
     B, K = doc_lp.shape
-    spans = [[gen.span_ids(p) for p in ctx.passages[b * K : (b + 1) * K]] for b in range(B)] if cfg.copy else None
+    source = ctx.copy_from or ctx.passages
+    spans = [[gen.span_ids(p) for p in source[b * K : (b + 1) * K]] for b in range(B)] if cfg.copy else None
     hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen, spans, ctx.questions)
     return [h[: cfg.num_return_sequences] for h in hyps]
 
@@ -227,7 +228,7 @@ def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decod
     "thorough" (every hypothesis scored under every passage) or "fast" (p(y|x,z) = 0 outside z's beam)."""
     B, K = doc_lp.shape
     rows = torch.arange(B * K, device=doc_lp.device)
-    spans = [[gen.span_ids(p)] for p in ctx.passages] if cfg.copy else None
+    spans = [[gen.span_ids(p)] for p in ctx.copy_from or ctx.passages] if cfg.copy else None
     per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen, spans,
                      [q for q in ctx.questions for _ in range(K)])
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None

@@ -30,6 +30,7 @@ class Contexts:
     attention_mask: torch.Tensor  # (R, S)
     passages: list = field(default_factory=list)  # (R,) the passage of each row (None: the question alone)
     questions: list = field(default_factory=list)  # (B,) the questions, rows b*K .. b*K+K-1 being question b's
+    copy_from: list | None = None  # (R,) what copying may take from each row (None: its passage)
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
     cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row

@@ -164,3 +164,33 @@ def test_rag_ask_json_carries_the_support_signal(tmp_path, tiny_index, tiny_bert
     out = json.loads(capsys.readouterr().out)
     assert {"supported", "supporting", "support"} <= set(out)
     assert out["supported"] == (bool(out["supporting"]) and out["support"] >= 0.2)
+
+
+def test_copying_from_the_best_sentences(pipe):
+    import torch
+
+    from rag.copying import focus_sentences
+    from rag.metrics import has_answer
+    from rag.passages import sentence_splitter
+
+    model, gen = pipe.model, pipe.model.generator
+    questions = ["what is the capital of france ?", "who wrote the novel ?"]
+    retrieved = model.retriever(questions, 3)
+    ctx = model.contexts(questions, retrieved)
+    focused = focus_sentences(questions, ctx.passages, model.retriever, gen.truncate, keep=2)
+    split = sentence_splitter()
+    for b, q in enumerate(questions):
+        mine, cut = ctx.passages[b * 3 : (b + 1) * 3], focused[b * 3 : (b + 1) * 3]
+        assert [p.title for p in cut] == [p.title for p in mine]
+        kept = [s for p in cut for s in split(p.text)]
+        assert len(kept) == 2
+        assert all(s in gen.truncate(p.text) for p, c in zip(mine, cut, strict=True) for s in split(c.text))
+        # the two kept are the best by the query encoder's cosine
+        every = [s for p in mine for s in split(gen.truncate(p.text))]
+        enc = model.retriever.encoder.tokenize(every)
+        with torch.inference_mode():
+            sims = model.retriever.encoder(**enc) @ model.retriever.encode([q])[0]
+        assert set(kept) == {every[i] for i in sims.topk(2).indices.tolist()}
+    for a in pipe.answer_batch(questions, decoding={"copy": True, "copy_sentences": 1, "max_new_tokens": 4}):
+        assert a.text  # copied from the kept sentence or a title: a span of the passages all the same
+        assert any(has_answer(f"{p.title}\n{p.text}", [a.text]) for p in a.passages)
