@@ -74,6 +74,19 @@ class RagModel(nn.Module):
              smoothing: float = 0.0, retrieved: Retrieved | None = None) -> torch.Tensor:
         """Negative marginal log-likelihood per question (B,); gradient reaches BERT_q through the doc scores."""
         retrieved = retrieved or self.retriever(questions, n_docs)
+        K = retrieved.doc_scores.shape[1]
+        targets, mask = self.generator.target_ids(answers)  # (B, T), (B, T)
+        ctx = self.contexts(questions, retrieved)
+        # a frozen generator's log-probs are constants of the loss: no graph is kept for them
+        trains_generator = any(p.requires_grad for p in self.generator.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains_generator):
+            lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, smoothing > 0,
+                                                       full=mode == "token" and smoothing > 0)
+        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
+        if mode == "sequence":
+            return marginal.rag_sequence_loss(lp, doc_lp, mask, smoothing, vocab_sum, self.generator.vocab_size)
+        return marginal.rag_token_loss(lp, doc_lp, mask, smoothing, full)
+
     @torch.inference_mode()
     def generate(self, questions: list[str], mode: str, cfg: DecodingConfig, n_docs: int,
                  retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:

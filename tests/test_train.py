@@ -181,3 +181,13 @@ def test_distant_supervision_alone_trains_bert_q_without_the_generator(setup, tm
         train(cfg_for(setup, tmp_path, "rag_loss=0"), progress=False)
     with pytest.raises(TrainingError, match="generator without a loss"):
         train(cfg_for(setup, tmp_path, "rag_loss=0", "distant_loss=1", "train_generator=true"), progress=False)
+
+
+def test_the_rag_and_distant_losses_add(setup):
+    model = RagPipeline.from_config(setup[1]).model
+    q, a = ["capital of france", "who wrote the novel"], ["paris", "austen"]
+    with torch.no_grad():
+        both = model(q, a, n_docs=3, rag_weight=1.0, distant_weight=0.5, distant_docs=8)
+        rag = model.loss(q, a, n_docs=3)
+        distant = model(q, a, n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8)
+    assert torch.allclose(both, rag + 0.5 * distant, atol=1e-5) and (rag > 0).all()
