@@ -114,7 +114,9 @@ class Generator(nn.Module):
         if passage is None:
             return []
         text = self.truncate(passage.text)
-        return self.tokenizer(" " + _clean_title(passage.title) + ": " + text, add_special_tokens=False)["input_ids"]
+        title = " " + _clean_title(passage.title)
+        # a passage cut to nothing by copy_sentences leaves its title alone, without the colon that joins it
+        return self.tokenizer(title + ": " + text if text else title, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids and i != self.pad_id],

@@ -191,6 +191,13 @@ def test_copying_from_the_best_sentences(pipe):
         with torch.inference_mode():
             sims = model.retriever.encoder(**enc) @ model.retriever.encode([q])[0]
         assert set(kept) == {every[i] for i in sims.topk(2).indices.tolist()}
+        for c in cut:  # a passage left without sentences offers its title alone, no dangling colon
+            shown = gen.tokenizer.decode(gen.span_ids(c)).strip()
+            if c.text:
+                assert ":" in shown
+            else:
+                assert not shown.endswith(":")
+        assert any(not c.text for c in cut)  # three passages, two sentences kept: one passage at least is cut
     for a in pipe.answer_batch(questions, decoding={"copy": True, "copy_sentences": 1, "max_new_tokens": 4}):
         assert a.text  # copied from the kept sentence or a title: a span of the passages all the same
         assert any(has_answer(f"{p.title}\n{p.text}", [a.text]) for p in a.passages)
