@@ -81,7 +81,12 @@ def word_starts(seq: list[int], text) -> list[tuple[int, str]]:
 
 def _bare(word: str) -> str:
     """A word as the question check compares it: lower case, no surrounding punctuation, no possessive."""
-    return word.strip(_STRIP).lower().removesuffix("'s").removesuffix("’s")
+    return _bare_case(word).lower()
+
+
+def _bare_case(word: str) -> str:
+    """A word without surrounding punctuation or possessive, its case kept (names are told by it)."""
+    return word.strip(_STRIP).removesuffix("'s").removesuffix("’s")
 
 
 def answer_starts(question: str, seqs: list[list[int]], text) -> list[tuple[int, int]]:
@@ -161,8 +166,9 @@ class CopyStepper:
 
 def focus_sentences(questions: list[str], passages: list, retriever, truncate, keep: int) -> list:
     """The passages (R = B·K rows) cut to the `keep` sentences of each question's K passages that its query
-    encoder ranks highest (cosine of the question and the sentence), in passage order; a passage with none keeps
-    only its title. Copying from these points the small reader at the sentence that answers."""
+    encoder ranks highest (cosine of the question and the sentence) among those holding a word of the asked type
+    (`answer_type`; all when none does), in passage order; a passage with none keeps only its title. Copying from
+    these points the small reader at the sentence that answers."""
     from rag.passages import sentence_splitter
 
     split = sentence_splitter()
@@ -177,7 +183,14 @@ def focus_sentences(questions: list[str], passages: list, retriever, truncate, k
             with torch.inference_mode():
                 q = retriever.encode([question])[0]
                 vecs = retriever.encoder(**{k: v.to(retriever.encoder.device) for k, v in enc.items()})
-            chosen = set((vecs @ q).topk(min(keep, len(sents))).indices.tolist())
+            sims = vecs @ q
+            # a "when" question reads a sentence with a date in it, when one of them has one
+            kind, asked = answer_type(question), {_bare(w) for w in question.split()} | FUNCTION_WORDS
+            typed = torch.tensor([kind is not None and any(_fits(w, kind) for w in map(_bare_case, s.split())
+                                                           if w and w.lower() not in asked) for _, s in sents])
+            if typed.any():
+                sims = sims.masked_fill(~typed, float("-inf"))
+            chosen = set(sims.topk(min(keep, int(typed.sum()) or len(sents))).indices.tolist())
         for k, p in enumerate(mine):
             text = " ".join(s for j, (kk, s) in enumerate(sents) if kk == k and j in chosen)
             out.append(None if p is None else dataclasses.replace(p, text=text))

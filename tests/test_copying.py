@@ -174,7 +174,7 @@ def test_copying_from_the_best_sentences(pipe):
     from rag.passages import sentence_splitter
 
     model, gen = pipe.model, pipe.model.generator
-    questions = ["what is the capital of france ?", "who wrote the novel ?"]
+    questions = ["what is the capital of france ?", "the novel ?"]  # no asked type: every sentence competes
     retrieved = model.retriever(questions, 3)
     ctx = model.contexts(questions, retrieved)
     focused = focus_sentences(questions, ctx.passages, model.retriever, gen.truncate, keep=2)
@@ -201,3 +201,31 @@ def test_copying_from_the_best_sentences(pipe):
     for a in pipe.answer_batch(questions, decoding={"copy": True, "copy_sentences": 1, "max_new_tokens": 4}):
         assert a.text  # copied from the kept sentence or a title: a span of the passages all the same
         assert any(has_answer(f"{p.title}\n{p.text}", [a.text]) for p in a.passages)
+
+
+def test_a_typed_question_reads_a_sentence_of_its_type():
+    from rag.copying import focus_sentences
+    from rag.pipeline import Passage
+
+    class Retriever:  # ranks sentences by how many "moon"s they hold
+        class encoder:
+            device = torch.device("cpu")
+
+            @staticmethod
+            def tokenize(texts):
+                return {"n": torch.tensor([[t.count("moon")] for t in texts], dtype=torch.float)}
+
+            def __new__(cls, n):
+                return torch.cat([n, torch.ones_like(n)], 1)
+
+        @staticmethod
+        def encode(questions):
+            return torch.tensor([[1.0, 0.0]])
+
+    passages = [Passage("a", "Moon", "The moon and the moon and the moon. Apollo 11 landed on the moon in 1969.",
+                        1.0, 0.5, 0.5),
+                Passage("b", "Armstrong", "Neil Armstrong walked on the moon.", 0.5, 0.5, 0.5)]
+    pick = {q: [p.text for p in focus_sentences([q], passages, Retriever, lambda t: t, 1)]
+            for q in ["when did they land on the moon", "what about the moon"]}
+    assert pick["when did they land on the moon"] == ["Apollo 11 landed on the moon in 1969.", ""]
+    assert pick["what about the moon"] == ["The moon and the moon and the moon.", ""]
