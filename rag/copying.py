@@ -89,9 +89,14 @@ def _bare_case(word: str) -> str:
     return word.strip(_STRIP).removesuffix("'s").removesuffix("’s")
 
 
+def _not_answers(question: str) -> set[str]:
+    """The words an answer does not start with: the question's own and the function words."""
+    return {_bare(w) for w in question.split()} | FUNCTION_WORDS
+
+
 def answer_starts(question: str, seqs: list[list[int]], text) -> list[tuple[int, int]]:
     """The (passage, position) pairs where an answer to `question` may start (see the module's rules)."""
-    asked = {_bare(w) for w in question.split()} | FUNCTION_WORDS
+    asked = _not_answers(question)
     words = [(s, i, w) for s, seq in enumerate(seqs) for i, w in word_starts(seq, text) if _bare(w) not in asked]
     kind = answer_type(question)
     typed = [(s, i) for s, i, w in words if _fits(w, kind)]
@@ -185,7 +190,7 @@ def focus_sentences(questions: list[str], passages: list, retriever, truncate, k
                 vecs = retriever.encoder(**{k: v.to(retriever.encoder.device) for k, v in enc.items()})
             sims = vecs @ q
             # a "when" question reads a sentence with a date in it, when one of them has one
-            kind, asked = answer_type(question), {_bare(w) for w in question.split()} | FUNCTION_WORDS
+            kind, asked = answer_type(question), _not_answers(question)
             typed = torch.tensor([kind is not None and any(_fits(w, kind) for w in map(_bare_case, s.split())
                                                            if w and w.lower() not in asked) for _, s in sents])
             if typed.any():
