@@ -72,9 +72,9 @@ def word_starts(seq: list[int], text) -> list[tuple[int, str]]:
         j = i + 1
         while j < len(texts) and not texts[j][:1].isspace():
             j += 1
-        word = "".join(texts[i:j]).strip().strip(_STRIP)
-        head = "".join(texts[i:j]).strip()[:1]
-        if word and (head.isalnum() or head in "$£€"):
+        raw = "".join(texts[i:j]).strip()
+        word = raw.strip(_STRIP)
+        if word and (raw[0].isalnum() or raw[0] in "$£€"):
             out.append((i, word))
     return out
 

@@ -66,6 +66,11 @@ def has_answer(text: str, golds: Iterable[str], patterns: bool = False) -> bool:
     return in_normalised(f" {normalize_answer(text)} ", golds)
 
 
+def passage_has_answer(passage, golds: Iterable[str]) -> bool:
+    """A gold answer occurs in the passage's title or text (the generator's prompt shows both)."""
+    return has_answer(f"{passage.title}\n{passage.text}", golds)
+
+
 def in_normalised(hay: str, golds: Iterable[str]) -> bool:
     """A normalised gold answer occurs as whole words in `hay`, an already normalised text with a space at each
     end (so that a large text is normalised once for many questions)."""

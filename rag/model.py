@@ -10,7 +10,7 @@ from torch import nn
 from rag import decoding, marginal
 from rag.config import DecodingConfig
 from rag.generator import Contexts, Generator
-from rag.metrics import has_answer
+from rag.metrics import passage_has_answer
 from rag.retriever import Retrieved, Retriever
 
 
@@ -59,7 +59,7 @@ class RagModel(nn.Module):
         retrieved = self.retriever(questions, k)
         total = torch.zeros(len(questions), device=retrieved.doc_scores.device)
         if distant_weight:
-            positive = torch.tensor([[has_answer(f"{p.title}\n{p.text}", [a]) for p in ps]
+            positive = torch.tensor([[passage_has_answer(p, [a]) for p in ps]
                                      for ps, a in zip(retrieved.passages, answers, strict=True)],
                                     device=retrieved.doc_scores.device)
             total = total + distant_weight * marginal.distant_supervision_loss(retrieved.doc_scores, positive,

@@ -13,7 +13,7 @@ from rag.config import DecodingConfig, RagConfig, apply_overrides, from_dict, lo
 from rag.encoders import Encoder
 from rag.generator import load_generator
 from rag.index import DenseIndex
-from rag.metrics import has_answer
+from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.retriever import Retrieved, Retriever, check_questions
 
@@ -182,7 +182,7 @@ def supporting_passages(answer: str, passages) -> tuple[int, ...]:
     The title counts: the generator's prompt shows it, and copying may take the answer from it."""
     if not answer.strip():
         return ()
-    return tuple(k for k, p in enumerate(passages) if has_answer(f"{p.title}\n{p.text}", [answer]))
+    return tuple(k for k, p in enumerate(passages) if passage_has_answer(p, [answer]))
 
 
 def _given(passages: list[list], device) -> Retrieved:
