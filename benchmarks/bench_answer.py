@@ -42,7 +42,7 @@ def main() -> None:
     from rag.pipeline import RagPipeline
 
     t = time.perf_counter()
-    pipe = RagPipeline.from_config(args.config)
+    pipe = RagPipeline.load(args.config)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     pipe.answer(QUESTIONS[0])
@@ -57,7 +57,7 @@ def main() -> None:
     print(table([
         {"what": "cold `rag ask` (process start to printed answer)", "seconds": cold_s, "peak MiB": cold_peak,
          "limit": "<= 30 s, <= 2560 MiB"},
-        {"what": "RagPipeline.from_config (models + index)", "seconds": load_s, "peak MiB": rss_mib(), "limit": ""},
+        {"what": "RagPipeline.load (models + index)", "seconds": load_s, "peak MiB": rss_mib(), "limit": ""},
         {"what": "first answer() in the process", "seconds": first_s, "peak MiB": peak, "limit": ""},
         {"what": f"warm answer(), median of {len(times)}", "seconds": statistics.median(times), "peak MiB": peak,
          "limit": "<= 4 s"},

@@ -18,7 +18,6 @@ gold answer occurs somewhere in the index's passages.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -33,27 +32,27 @@ RECALL_KS = (1, 5, 20, 100)
 
 
 def load_pipeline(config: str, overrides: list[str]):
-    from rag.pipeline import RagPipeline
+    """The pipeline of a RAG config or trained folder; a shipped config's missing index is built first."""
+    from rag.first_use import ensure_index
+    from rag.pipeline import RagPipeline, load_rag_config
 
-    if (Path(config).expanduser() / "rag.yaml").is_file():
-        return RagPipeline.from_pretrained(config, tuple(overrides))
-    return RagPipeline.from_config(config, tuple(overrides))
+    cfg = load_rag_config(config, tuple(overrides))
+    ensure_index(cfg)
+    return RagPipeline.load(cfg)
 
 
-def answerable(examples, index) -> list[bool]:
-    """Whether a gold answer occurs in some passage of the index (normalised, whole words; regex for patterns)."""
-    texts = index.store.table.column("text").to_pylist()
-    if len(index.deleted):
-        gone = set(index.deleted.tolist())
-        texts = [t for i, t in enumerate(texts) if i not in gone]
-    normalised = " " + " ".join(normalize_answer(t) for t in texts) + " "
-    raw = "\n".join(texts)
-    out = []
-    for e in examples:
-        if e.patterns:
-            out.append(has_answer(raw, e.answers, patterns=True))
-        else:
-            out.append(in_normalised(normalised, e.answers))
+def answerable(examples, pipe) -> list[bool]:
+    """Whether a gold answer occurs in some passage of the index (normalised, whole words; regex for patterns).
+
+    Streams the index's passages chunk by chunk: the corpus is never held as one string."""
+    out = [False] * len(examples)
+    for texts in pipe.passage_texts():
+        normalised = " " + " ".join(normalize_answer(t) for t in texts) + " "
+        raw = "\n".join(texts)
+        for i, e in enumerate(examples):
+            if not out[i]:
+                out[i] = has_answer(raw, e.answers, patterns=True) if e.patterns else in_normalised(normalised,
+                                                                                                   e.answers)
     return out
 
 
@@ -97,18 +96,13 @@ def run_mode(pipe, mode: str, examples, flags: list[bool], out: Path, n_docs: in
 def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
     questions = [e.question for e in examples]
     if mode == "retrieval":
-        import torch
-
-        with torch.inference_mode():
-            hits = pipe.model.retriever(questions, max(RECALL_KS))
         out = []
-        for b, e in enumerate(examples):
-            texts = [p.text for p in hits.passages[b]]
+        for e, hits in zip(examples, pipe.retrieve(questions, max(RECALL_KS)), strict=True):
+            texts = [h.text for h in hits]
             out.append({"question": e.question, "gold": list(e.answers), "prediction": None,
                         **{f"recall@{k}": recall_at_k(texts, e.answers, k, e.patterns) for k in RECALL_KS},
-                        "retrieved": [p.id for p in hits.passages[b][:n_docs]],
-                        "titles": [p.title for p in hits.passages[b][:n_docs]],
-                        "scores": [round(float(x), 4) for x in hits.doc_scores[b][:n_docs]]})
+                        "retrieved": [h.id for h in hits[:n_docs]], "titles": [h.title for h in hits[:n_docs]],
+                        "scores": [round(h.score, 4) for h in hits[:n_docs]]})
         return out
     if mode in ("sequence", "token"):
         answers = pipe.answer_batch(questions, mode=mode, n_docs=n_docs, decoding=decoding or None)
@@ -130,22 +124,13 @@ def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
 
 
 def _concat(pipe, questions: list[str], n_docs: int, decoding: dict):
-    import torch
-
     from rag.passages import Passage
 
-    with torch.inference_mode():
-        hits = pipe.model.retriever(questions, n_docs)
-    joined = [[Passage(id="+".join(p.id for p in ps), doc_id="", title=ps[0].title,
-                       text="\n\n".join(f"{p.title}: {p.text}" for p in ps))] for ps in hits.passages]
-    gen = pipe.model.generator
-    saved = gen.cfg
-    gen.cfg = dataclasses.replace(saved, max_context_length=saved.max_context_length * n_docs)
-    try:
-        answers = pipe.answer_batch(questions, mode="token", decoding=decoding or None, passages=joined)
-    finally:
-        gen.cfg = saved
-    return answers
+    joined = [[Passage(id="+".join(h.id for h in hits), doc_id="", title=hits[0].title,
+                       text="\n\n".join(f"{h.title}: {h.text}" for h in hits))]
+              for hits in pipe.retrieve(questions, n_docs)]
+    return pipe.answer_batch(questions, mode="token", decoding=decoding or None, passages=joined,
+                             context_length=pipe.cfg.generator.max_context_length * n_docs)
 
 
 def summarise(records: list[dict], mode: str, n_docs: int) -> dict:
@@ -178,7 +163,7 @@ def evaluate(pipe, examples, modes: list[str], out: Path, n_docs: int | None = N
              decoding: dict | None = None, progress: bool = True) -> dict:
     n_docs = n_docs or pipe.cfg.n_docs
     out.mkdir(parents=True, exist_ok=True)
-    flags = answerable(examples, pipe.model.retriever.index)
+    flags = answerable(examples, pipe)
     summary = {}
     for mode in modes:
         records = run_mode(pipe, mode, examples, flags, out, n_docs, batch_size, decoding or {}, progress)
@@ -207,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/eval", help="folder for predictions and the summary")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from rag.config import ConfigError
+    from rag.cli import quiet_logging
+    from rag.errors import run_cli
+
+    quiet_logging()
+    return run_cli(lambda: _run(ap, args))
+
+
+def _run(ap, args) -> int:
     from rag.passages import CorpusError
     from rag.qa_data import QAReport, read_qa
 
@@ -216,21 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         ap.error(f"unknown mode {bad}: choose from {', '.join(MODES)}")
-    decoding = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
-    try:
-        report = QAReport()
-        examples = read_qa(args.data, args.format, args.on_error, args.question_field, args.answer_field, report)
-        examples = examples[: args.limit] if args.limit else examples
-        if not examples:
-            raise CorpusError(f"no questions with answers in {args.data}")
-        log.info("%d questions (%d without answers, %d malformed skipped)", len(examples), report.skipped_no_answer,
-                 report.skipped_malformed)
-        pipe = load_pipeline(args.config, args.set)
-        summary = evaluate(pipe, examples, modes, Path(args.out).expanduser(), args.n_docs, args.batch_size, decoding,
-                           progress=not args.quiet)
-    except (ConfigError, CorpusError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    decoding = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens))
+                if v is not None}
+    report = QAReport()
+    examples = read_qa(args.data, args.format, args.on_error, args.question_field, args.answer_field, report)
+    examples = examples[: args.limit] if args.limit else examples
+    if not examples:
+        raise CorpusError(f"no questions with answers in {args.data}")
+    log.info("%d questions (%d without answers, %d malformed skipped)", len(examples), report.skipped_no_answer,
+             report.skipped_malformed)
+    pipe = load_pipeline(args.config, args.set)
+    summary = evaluate(pipe, examples, modes, Path(args.out).expanduser(), args.n_docs, args.batch_size, decoding,
+                       progress=not args.quiet)
     print(markdown(summary, modes, args.n_docs or pipe.cfg.n_docs), end="")
     print(f"predictions and summary in {args.out}")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 EPILOG = """\
@@ -83,47 +82,48 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from index_builder.build import BuildError, build
-    from index_builder.update import UpdateError, compact, update
-    from rag.config import BuildConfig, ConfigError, load_config
-    from rag.index import DenseIndex, IndexFolderError, read_manifest
-    from rag.passages import CorpusError
+    from rag.cli import quiet_logging
+    from rag.errors import run_cli
 
-    try:
-        if args.command == "build":
-            cfg = load_config(BuildConfig, args.config, args.set)
-            out = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
-            m = read_manifest(out)
-            print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}); "
-                  f"build report: {json.dumps(m['build'])}")
-        elif args.command == "update":
-            if not (args.add or args.replace or args.delete):
-                print("error: give at least one of --add, --replace, --delete", file=sys.stderr)
-                return 2
-            r = update(args.index, args.add, args.replace, args.delete, args.format, args.on_error,
-                       tuple(args.set), progress=not args.quiet)
-            print(f"{args.index}: generation {r.generation}: +{len(r.added_docs)} documents "
-                  f"({r.added_passages} passages), {len(r.replaced_docs)} replaced, {len(r.deleted_docs)} deleted "
-                  f"({r.removed_passages} passages masked), {r.skipped_malformed} malformed skipped, "
-                  f"{r.seconds:.1f} s" + "".join(f"\nwarning: {w}" for w in r.warnings))
-        elif args.command == "compact":
-            from rag.config import IndexConfig, apply_overrides, from_dict
+    quiet_logging()
+    return run_cli(lambda: _run(args))
 
-            changes = apply_overrides({}, args.set).get("index", {})
-            from_dict(IndexConfig, changes, "index")  # unknown keys and bad values are errors
-            dropped = compact(args.folder, retrain=args.retrain, index=changes)
-            print(f"{args.folder}: compacted, {dropped} deleted passages dropped")
-        elif args.command == "verify":
-            index = DenseIndex.load(args.folder, verify=True)
-            print(f"{args.folder}: OK ({len(index)} passages; sizes and sha256 match the manifest)")
-        else:
-            from pathlib import Path
 
-            print(json.dumps(read_manifest(Path(args.folder)), indent=2))
-    except (ConfigError, CorpusError, BuildError, UpdateError, IndexFolderError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args) -> int:
+    from index_builder.build import build
+    from index_builder.update import compact, update
+    from rag.config import BuildConfig, load_config, resolve_config_path
+    from rag.index import DenseIndex
+    from rag.index_folder import IndexFolder
+
+    if args.command == "build":
+        cfg = load_config(BuildConfig, resolve_config_path(args.config) if args.config else None, args.set)
+        out = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
+        m = IndexFolder(out).read_manifest()
+        print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}); "
+              f"build report: {json.dumps(m['build'])}")
+    elif args.command == "update":
+        if not (args.add or args.replace or args.delete):
+            print("error: give at least one of --add, --replace, --delete", file=sys.stderr)
+            return 2
+        r = update(args.index, args.add, args.replace, args.delete, args.format, args.on_error,
+                   tuple(args.set), progress=not args.quiet)
+        print(f"{args.index}: generation {r.generation}: +{len(r.added_docs)} documents "
+              f"({r.added_passages} passages), {len(r.replaced_docs)} replaced, {len(r.deleted_docs)} deleted "
+              f"({r.removed_passages} passages masked), {r.skipped_malformed} malformed skipped, "
+              f"{r.seconds:.1f} s" + "".join(f"\nwarning: {w}" for w in r.warnings))
+    elif args.command == "compact":
+        from rag.config import IndexConfig, apply_overrides, from_dict
+
+        changes = apply_overrides({}, args.set).get("index", {})
+        from_dict(IndexConfig, changes, "index")  # unknown keys and bad values are errors
+        dropped = compact(args.folder, retrain=args.retrain, index=changes)
+        print(f"{args.folder}: compacted, {dropped} deleted passages dropped")
+    elif args.command == "verify":
+        index = DenseIndex.load(args.folder, verify=True)
+        print(f"{args.folder}: OK ({len(index)} passages; sizes and sha256 match the manifest)")
+    else:
+        print(json.dumps(IndexFolder(args.folder).read_manifest(), indent=2))
     return 0
 
 

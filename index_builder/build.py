@@ -19,15 +19,17 @@ import faiss
 import numpy as np
 
 from rag.config import BuildConfig, save_config
-from rag.index import (
-    FORMAT_VERSION,
+from rag.encoders import encoder_record
+from rag.errors import RagError
+from rag.index import build_faiss, factory_string
+from rag.index_folder import (
     INDEX_FILE,
     MANIFEST,
+    SHARDS,
+    STATE_FILE,
     STORE_FILE,
     VECTORS_FILE,
-    build_faiss,
-    factory_string,
-    file_entry,
+    IndexFolder,
     write_json_atomic,
 )
 from rag.passages import ReadReport, iter_passages
@@ -35,8 +37,6 @@ from rag.store import PassageStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "build.json"
-SHARDS = "shards"
 # Settings that change how a build runs or how it is searched, not what it contains: a resume may change them.
 RUNTIME_KEYS = {
     "encoder": {"batch_size", "batch_tokens", "device", "dtype"},
@@ -44,7 +44,7 @@ RUNTIME_KEYS = {
 }
 
 
-class BuildError(RuntimeError):
+class BuildError(RagError):
     pass
 
 
@@ -114,7 +114,7 @@ def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def _shard_path(out: Path, i: int) -> Path:
-    return out / SHARDS / f"{i:05d}.npy"
+    return IndexFolder(out).shard_path(i)
 
 
 def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, device: str | None,
@@ -157,7 +157,7 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
     from accelerate import PartialState
 
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
-    out = Path(cfg.output).expanduser()
+    out = IndexFolder(cfg.output).path
     t0 = time.perf_counter()
     state = None
     if dist.is_main_process:
@@ -208,36 +208,13 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
         _save_state(out, state)
     stages = state["stages"]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "complete": True,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "count": int(count),
-        "dim": int(dim),
-        "encoder": {
-            "name": cfg.encoder.name,
-            "pooling": cfg.encoder.pooling,
-            "normalize": cfg.encoder.normalize,
-            "max_length": cfg.encoder.max_length,
-            "title": cfg.encoder.title,
-            "fingerprint": stages["vectors"]["fingerprint"],
-        },
-        "index": {**asdict(cfg.index), "factory": factory_string(cfg.index),
-                  "mips_norm2": stages["index"].get("mips_norm2")},
-        "passages": asdict(cfg.passages),
-        "corpus": asdict(cfg.corpus),
-        "identity": state["identity"],
-        "generation": 0,
-        "segments": [{"store": STORE_FILE, "vectors": VECTORS_FILE, "rows": int(count)}],
-        "index_file": INDEX_FILE,
-        "deleted_file": None,
-        "deleted": 0,
-        "history": [],
-        "files": {name: file_entry(out / name) for name in (STORE_FILE, VECTORS_FILE, INDEX_FILE)},
-        "build": {
-            **stages["passages"]["report"],
-            "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()},
-        },
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    (out / STATE_FILE).unlink()
+    folder = IndexFolder(out)
+    manifest = folder.first_manifest(
+        count=count, dim=dim,
+        encoder={**encoder_record(cfg.encoder), "fingerprint": stages["vectors"]["fingerprint"]},
+        index={**asdict(cfg.index), "factory": factory_string(cfg.index),
+               "mips_norm2": stages["index"].get("mips_norm2")},
+        passages=asdict(cfg.passages), corpus=asdict(cfg.corpus), identity=state["identity"],
+        build={**stages["passages"]["report"], "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()}},
+    )
+    folder.write_first(manifest)

@@ -9,11 +9,8 @@ Only the passages of added or replaced documents are encoded.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,25 +21,15 @@ import pyarrow.compute as pc
 
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.encoders import Encoder
-from rag.index import (
-    MANIFEST,
-    DenseIndex,
-    augment,
-    build_faiss,
-    factory_string,
-    file_entry,
-    layout,
-    write_json_atomic,
-)
+from rag.errors import RagError
+from rag.index import DenseIndex, augment, build_faiss, factory_string
+from rag.index_folder import DELETED_FILE, INDEX_FILE, STORE_FILE, VECTORS_FILE, IndexFolder
 from rag.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
 from rag.store import StoreWriter
 
 log = logging.getLogger(__name__)
 
-LOCK = ".update.lock"
-
-
-class UpdateError(RuntimeError):
+class UpdateError(RagError):
     pass
 
 
@@ -60,41 +47,13 @@ class UpdateReport:
     warnings: list[str] = field(default_factory=list)
 
 
-@contextmanager
 def folder_lock(folder: Path):
-    """One writer per folder. flock is released by the kernel when a process dies, so a killed update leaves
-    no stale lock behind."""
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise UpdateError(f"{folder} is being updated by another process ({holder or 'unknown'}); "
-                              f"wait for it to finish and run this update again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+    """One writer per folder (see `IndexFolder.lock`)."""
+    return IndexFolder(folder).lock()
 
 
 def _build_config(folder: Path, overrides: tuple[str, ...]) -> BuildConfig:
-    return load_config(BuildConfig, folder / "config.yaml", (f"output={folder}", *overrides))
-
-
-def _check_encoder(manifest: dict, encoder: Encoder, folder: Path) -> None:
-    built = manifest["encoder"]
-    now = {"name": encoder.cfg.name, "pooling": encoder.cfg.pooling, "normalize": encoder.cfg.normalize,
-           "fingerprint": encoder.fingerprint}
-    diff = [k for k in ("fingerprint", "pooling", "normalize") if built.get(k) != now[k]]
-    if diff:
-        raise UpdateError(
-            f"{folder / MANIFEST}: the index was built with encoder {built['name']} (pooling {built['pooling']}, "
-            f"normalize {built['normalize']}, weights {built['fingerprint']}); this update would encode with "
-            f"{now['name']} (pooling {now['pooling']}, normalize {now['normalize']}, weights {now['fingerprint']}). "
-            "Passages from two encoders are not comparable: use the index's encoder, or rebuild the index.")
+    return load_config(BuildConfig, IndexFolder(folder).config_path, (f"output={folder}", *overrides))
 
 
 def _read_docs(path: str | None, fmt: str, on_error: str, report: UpdateReport) -> list[Document]:
@@ -113,18 +72,6 @@ def _read_ids(path: str | None) -> list[str]:
     if not p.is_file():
         raise UpdateError(f"delete list {p} does not exist")
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _gen_name(name: str, generation: int) -> str:
-    stem, dot, ext = name.partition(".")
-    return f"{stem}.g{generation:04d}.{ext}"
-
-
-def _switch(folder: Path, old: dict, new: dict) -> None:
-    """Make `new` current with one atomic rename, then remove files only the old generation used."""
-    write_json_atomic(folder / MANIFEST, new)
-    for name in set(old["files"]) - set(new["files"]):
-        (folder / name).unlink(missing_ok=True)
 
 
 def _drift_warning(index: faiss.Index, cfg: IndexConfig, old_sample: np.ndarray, new: np.ndarray) -> str | None:
@@ -150,12 +97,13 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
            fmt: str = "jsonl", on_error: str = "raise", overrides: tuple[str, ...] = (),
            progress: bool = True, _before_switch=None) -> UpdateReport:
     """Add, replace and delete documents (keyed by document id) in `folder` as a new generation."""
-    folder = Path(folder).expanduser()
+    where = IndexFolder(folder)
+    folder = where.path
     t0 = time.perf_counter()
-    with folder_lock(folder):
-        current = DenseIndex.load(folder)  # reads the manifest and checks the files against it
+    with where.lock():
+        current = DenseIndex.load(where)  # reads the manifest and checks the files against it
         manifest = current.manifest
-        files = layout(manifest)
+        files = where.layout(manifest)
         gen = files["generation"] + 1
         report = UpdateReport(generation=gen)
         cfg = _build_config(folder, overrides)
@@ -192,23 +140,19 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         splitter = sentence_splitter(cfg.passages.language) if cfg.passages.sentence_boundaries else None
         passages = [p for d in new_docs for p in split_document(d, cfg.passages, splitter)]
         report.added_passages = len(passages)
-        new_manifest = dict(manifest)
         segments = list(files["segments"])
-        new_files = dict(manifest["files"])
-        index = faiss.read_index(str(folder / files["index_file"]))  # a private copy to add to
+        index = faiss.read_index(str(where.file(files["index_file"])))  # a private copy to add to
         if passages:
             encoder = Encoder.from_config(cfg.encoder)
-            _check_encoder(manifest, encoder, folder)
+            where.check_encoder(manifest, encoder.identity(), same_weights=True)
             vecs = encoder.encode([p.text for p in passages], [p.title for p in passages],
                                   progress="encode new passages" if progress else False)
-            store_name, vec_name = _gen_name("passages.arrow", gen), _gen_name("vectors.npy", gen)
-            with StoreWriter(folder / store_name) as w:
+            store_name, vec_name = where.generation_name(STORE_FILE, gen), where.generation_name(VECTORS_FILE, gen)
+            with StoreWriter(where.file(store_name)) as w:
                 w.add(passages)
-            with open(folder / vec_name, "wb") as f:
+            with open(where.file(vec_name), "wb") as f:
                 np.save(f, vecs.astype(cfg.index.vector_dtype))
             segments.append({"store": store_name, "vectors": vec_name, "rows": len(passages)})
-            new_files[store_name] = file_entry(folder / store_name)
-            new_files[vec_name] = file_entry(folder / vec_name)
             norm2 = manifest["index"].get("mips_norm2")
             if norm2 is not None and float(np.einsum("nd,nd->n", vecs, vecs).max()) > norm2 * (1 + 1e-6):
                 report.warnings.append("added passages have larger norms than the HNSW transform's bound; their "
@@ -220,29 +164,20 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
                 log.warning(warning)
                 report.warnings.append(warning)
             index.add(augment(vecs, norm2))
-        index_name = _gen_name("index.faiss", gen)
-        faiss.write_index(index, str(folder / index_name))
-        new_files[index_name] = file_entry(folder / index_name)
-        new_files.pop(files["index_file"], None)
+        index_name = where.generation_name(INDEX_FILE, gen)
+        faiss.write_index(index, str(where.file(index_name)))
         deleted = np.union1d(current.deleted, removed_rows).astype(np.int64)
-        if files["deleted_file"]:
-            new_files.pop(files["deleted_file"], None)
         deleted_name = None
         if len(deleted):
-            deleted_name = _gen_name("deleted.npy", gen)
-            np.save(folder / deleted_name, deleted)
-            new_files[deleted_name] = file_entry(folder / deleted_name)
+            deleted_name = where.generation_name(DELETED_FILE, gen)
+            np.save(where.file(deleted_name), deleted)
         report.seconds = time.perf_counter() - t0
-        new_manifest.update({
-            "generation": gen, "segments": segments, "index_file": index_name, "deleted_file": deleted_name,
-            "deleted": int(len(deleted)), "count": int(index.ntotal), "files": new_files,
-            "history": [*manifest.get("history", []), {
-                "generation": gen, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **{k: v for k, v in asdict(report).items() if k != "generation"}}],
-        })
+        new_manifest = where.next_manifest(
+            manifest, segments=segments, index_file=index_name, deleted_file=deleted_name, deleted=len(deleted),
+            count=index.ntotal, history={k: v for k, v in asdict(report).items() if k != "generation"})
         if _before_switch is not None:
             _before_switch()  # tests: a crash after writing the new files, before the switch
-        _switch(folder, manifest, new_manifest)
+        where.switch(manifest, new_manifest)
         log.info("%s: generation %d current (+%d passages, -%d)", folder, gen, report.added_passages,
                  report.removed_passages)
         return report
@@ -253,25 +188,25 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
 
     `index` changes index settings on the way (e.g. {"type": "hnsw"}): a new index over the stored vectors,
     no passage is encoded again."""
-    folder = Path(folder).expanduser()
-    with folder_lock(folder):
-        current = DenseIndex.load(folder)
+    where = IndexFolder(folder)
+    with where.lock():
+        current = DenseIndex.load(where)
         manifest = current.manifest
-        gen = layout(manifest)["generation"] + 1
+        gen = where.layout(manifest)["generation"] + 1
         keep = np.setdiff1d(np.arange(current.index.ntotal), current.deleted)
-        store_name, vec_name, index_name = (_gen_name(n, gen) for n in ("passages.arrow", "vectors.npy",
-                                                                       "index.faiss"))
-        with StoreWriter(folder / store_name) as w:
+        store_name, vec_name, index_name = (where.generation_name(n, gen) for n in (STORE_FILE, VECTORS_FILE,
+                                                                                   INDEX_FILE))
+        with StoreWriter(where.file(store_name)) as w:
             for s in range(0, len(keep), 10_000):
                 w.add(p for p in current.passages(keep[s : s + 10_000]))
-        vectors = np.lib.format.open_memmap(folder / vec_name, mode="w+", dtype=current.vectors.dtype,
+        vectors = np.lib.format.open_memmap(where.file(vec_name), mode="w+", dtype=current.vectors.dtype,
                                             shape=(len(keep), current.dim))
         for s in range(0, len(keep), 50_000):
             vectors[s : s + 50_000] = current.vectors[keep[s : s + 50_000]]
         vectors.flush()
         cfg = IndexConfig(**{**asdict(current.cfg), **(index or {})})
         if cfg.type == "ivfpq" and not retrain and not index:
-            index = faiss.read_index(str(folder / layout(manifest)["index_file"]))
+            index = faiss.read_index(str(where.file(where.layout(manifest)["index_file"])))
             index.reset()  # keeps the trained quantiser and codebooks
             for s in range(0, len(keep), 20_000):
                 index.add(np.ascontiguousarray(vectors[s : s + 20_000], dtype=np.float32))
@@ -279,18 +214,12 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
         else:
             index, extra = build_faiss(vectors, cfg, progress)
             norm2 = extra["mips_norm2"]
-        faiss.write_index(index, str(folder / index_name))
+        faiss.write_index(index, str(where.file(index_name)))
         del vectors
-        names = (store_name, vec_name, index_name)
-        new = dict(manifest)
-        new.update({
-            "generation": gen, "segments": [{"store": store_name, "vectors": vec_name, "rows": int(len(keep))}],
-            "index_file": index_name, "deleted_file": None, "deleted": 0, "count": int(len(keep)),
-            "index": {**manifest["index"], **asdict(cfg), "factory": factory_string(cfg), "mips_norm2": norm2},
-            "files": {n: file_entry(folder / n) for n in names},
-            "history": [*manifest.get("history", []), {
-                "generation": gen, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "compacted": int(len(current.deleted)), "retrained": bool(retrain)}],
-        })
-        _switch(folder, manifest, new)
+        new = where.next_manifest(
+            manifest, segments=[{"store": store_name, "vectors": vec_name, "rows": int(len(keep))}],
+            index_file=index_name, deleted_file=None, deleted=0, count=len(keep),
+            index={**manifest["index"], **asdict(cfg), "factory": factory_string(cfg), "mips_norm2": norm2},
+            history={"compacted": int(len(current.deleted)), "retrained": bool(retrain)})
+        where.switch(manifest, new)
         return int(len(current.deleted))

@@ -16,8 +16,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Answer a question. The first run of the demo builds and caches its index "
                                    "(a few minutes on a CPU); later runs load everything in seconds.")
     a.add_argument("question")
-    a.add_argument("--config", default=None, help="RAG config YAML (default: configs/rag/demo.yaml)")
-    a.add_argument("--pretrained", default=None, help="a folder written by RagPipeline.save_pretrained or training")
+    a.add_argument("--config", default=None,
+                   help="RAG config YAML, or a folder written by save_pretrained or training (default: the shipped "
+                        "configs/rag/demo.yaml)")
+    a.add_argument("--pretrained", default=None, help="the same as --config FOLDER (kept for old scripts)")
     a.add_argument("--mode", choices=["sequence", "token"], default=None, help="RAG-sequence or RAG-token")
     a.add_argument("--n-docs", type=int, default=None, help="passages to retrieve (k)")
     a.add_argument("--beams", type=int, default=None, help="beam size (1: greedy)")
@@ -48,26 +50,36 @@ def _show(ans) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def quiet_logging(level: int = logging.INFO) -> None:
+    """One line per stage from this project's loggers, warnings only from the libraries, no library bars."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("rag", "index_builder", "eval"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines name modules it did not find
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in an answer
-    from rag.config import ConfigError
-    from rag.index import IndexFolderError
-    from rag.pipeline import RagPipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_logging(logging.WARNING if args.json else logging.INFO)
+    from rag.errors import run_cli
+
+    return run_cli(lambda: _ask(args))
+
+
+def _ask(args) -> int:
+    from rag.first_use import ensure_index
+    from rag.pipeline import RagPipeline, load_rag_config
 
     overrides = list(args.set)
-    if args.beams:
+    if args.beams is not None:
         overrides.append(f"decoding.num_beams={args.beams}")
-    try:
-        pipe = (RagPipeline.from_pretrained(args.pretrained, tuple(overrides)) if args.pretrained
-                else RagPipeline.from_config(args.config, tuple(overrides)))
-        ans = pipe.answer(args.question, mode=args.mode, n_docs=args.n_docs)
-    except (ConfigError, IndexFolderError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_rag_config(args.pretrained or args.config, tuple(overrides))
+    ensure_index(cfg)
+    pipe = RagPipeline.load(cfg)
+    ans = pipe.answer(args.question, mode=args.mode, n_docs=args.n_docs)
     print(json.dumps({**asdict(ans), "supported": ans.supported}, indent=2) if args.json else _show(ans))
     return 0
 

@@ -15,9 +15,27 @@ from typing import Any, Literal
 
 import yaml
 
+from rag.errors import RagError
 
-class ConfigError(ValueError):
+
+class ConfigError(RagError, ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def configs_dir() -> Path:
+    """The shipped configs: rag/configs in an installed copy (package data), configs/ in the source tree."""
+    here = Path(__file__).resolve().parent
+    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given; else one of the shipped configs ("configs/rag/demo.yaml" or "rag/demo.yaml")."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts
+    shipped = configs_dir().joinpath(*parts) if parts else p
+    return shipped if shipped.is_file() else p
 
 
 @dataclass(frozen=True)
@@ -195,7 +213,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         keys = dotted.strip().split(".")
         node = out
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # an unset optional section (e.g. query_encoder: the index's own)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k} is not a section")
         node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
@@ -227,14 +247,20 @@ def save_config(cfg: Any, path: str | Path) -> None:
 class RagConfig:
     """The query side: which index, BERT_q, generator, and how to decode."""
 
-    # An index folder; when it is missing and `build` names an index config, the first use builds it.
-    index: str = "~/.cache/rag/indexes/demo"
+    # An index folder (${RAG_CACHE} is the cache root, ~/.cache/rag unless set); when it is missing and `build`
+    # names an index config, `rag ask`, `rag.answer`, eval and training build it first.
+    index: str = "${RAG_CACHE}/indexes/demo"
     build: str | None = None
-    query_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # BERT_q; unset: the index's own encoder (name, pooling, normalisation, title) as its manifest records it.
+    query_encoder: EncoderConfig | None = None
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     mode: Literal["sequence", "token"] = "token"
     n_docs: int = 5
+    # Where BERT_q, the generator and the index live: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N.
+    device: str = "auto"
+    # Search the index on that GPU too (needs faiss-gpu, the `gpu` extra); HNSW always searches on the CPU.
+    faiss_gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,10 +277,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     rag: str = "configs/rag/demo.yaml"  # a RAG config YAML, or a folder written by save_pretrained
+    # Changes to that RAG config (e.g. "mode=sequence", "n_docs=10"): the model is trained, evaluated, saved and
+    # then served with them, so training and serving cannot disagree.
+    rag_set: tuple[str, ...] = ()
     output_dir: str = "runs/demo"
     data: DataConfig = field(default_factory=DataConfig)
-    mode: Literal["sequence", "token"] = "sequence"
-    n_docs: int = 5
     train_query_encoder: bool = True
     train_generator: bool = False
     lr_query_encoder: float = 1e-5

@@ -14,7 +14,7 @@ import torch
 
 from rag.config import DecodingConfig
 from rag.generator import Contexts, Generator
-from rag.marginal import gather_target_logprobs
+from rag.marginal import sequence_logprob, token_marginal
 
 NEG = -1.0e9
 
@@ -36,13 +36,13 @@ class TokenStepper:
         self.gen, self.ctx, self.beams = gen, ctx, beams
         B, K = doc_lp.shape
         self.K = K
-        self.doc_lp = doc_lp.repeat_interleave(beams, 0)[:, :, None]  # (B·W, K, 1)
+        self.doc_lp = doc_lp.repeat_interleave(beams, 0)  # (B·W, K)
         self.rows = (torch.arange(B, device=doc_lp.device)[:, None, None] * K
                      + torch.arange(K, device=doc_lp.device)[None, None, :]).expand(B, beams, K).reshape(-1)
 
     def _marginal(self, logits: torch.Tensor) -> torch.Tensor:
         lp = torch.log_softmax(logits.float(), -1).view(-1, self.K, logits.shape[-1])  # (B·W, K, V)
-        return torch.logsumexp(lp + self.doc_lp, dim=1)  # (B·W, V)
+        return token_marginal(lp, self.doc_lp)  # (B·W, V): eq. 2 with the vocabulary in place of the target steps
 
     def start(self) -> torch.Tensor:
         self.state, logits = self.gen.begin(self.ctx, self.rows)
@@ -217,10 +217,9 @@ def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int
         mask[:, 0] = 0  # a forced first token carries no evidence (transformers' exclude_bos_score)
     rows = (b * K + torch.arange(K, device=doc_lp.device)).repeat(len(hyps))  # (C·K,)
     with torch.inference_mode():
-        logits = gen.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (C·K, T, V)
-        lp, _ = gather_target_logprobs(logits, targets.repeat_interleave(K, 0), vocab_sum=False)  # (C·K, T)
+        lp, _, _ = gen.target_logprobs(ctx, rows, targets.repeat_interleave(K, 0))  # (C·K, T)
     lp = lp.view(len(hyps), K, width)  # (C, K, T)
-    return torch.logsumexp((lp * mask[:, None, :]).sum(-1) + doc_lp[b][None, :], dim=-1)
+    return sequence_logprob(lp, doc_lp[b][None, :].expand(len(hyps), K), mask)  # (C,) eq. 1
 
 
 def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:

@@ -11,17 +11,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rag.config import EncoderConfig
+from rag.config import ConfigError, EncoderConfig
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The one device rule: auto is the (first) CUDA GPU when torch sees one, else the CPU."""
+    if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but torch sees no CUDA GPU; use device=cpu or auto")
+    return device
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -33,13 +40,20 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def encoder_record(cfg: EncoderConfig) -> dict:
+    """What an index's manifest records of the encoder that made its vectors (the builder adds the weights'
+    fingerprint and the dimension); a query encoder left unset in a RAG config is rebuilt from it."""
+    return {"name": cfg.name, "pooling": cfg.pooling, "normalize": cfg.normalize, "max_length": cfg.max_length,
+            "title": cfg.title}
+
+
 class Encoder(nn.Module):
     """A transformers encoder with pooling: `forward` is differentiable, `encode` is batched inference."""
 
     def __init__(self, model: nn.Module, tokenizer, cfg: EncoderConfig):
         super().__init__()
         if cfg.pooling == "pooler" and getattr(model, "pooler", None) is None:
-            raise ValueError(f"encoder {cfg.name}: pooling 'pooler' needs a model with a pooler layer")
+            raise ConfigError(f"encoder {cfg.name}: pooling 'pooler' needs a model with a pooler layer")
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -53,11 +67,12 @@ class Encoder(nn.Module):
         """Load `cfg.name` (a hub name or a local folder) with `AutoModel` / `AutoTokenizer`."""
         from transformers import AutoModel, AutoTokenizer
 
-        from rag.models import resolve
+        from rag.weights import loading, resolve
 
         path = resolve(cfg.name)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        with loading("encoder.name", cfg.name):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32)
         if hasattr(model, "question_encoder") or hasattr(model, "ctx_encoder"):
             # DPR checkpoints wrap a BertModel; its pooler output is the DPR embedding.
             model = getattr(model, "question_encoder", None) or model.ctx_encoder
@@ -73,6 +88,10 @@ class Encoder(nn.Module):
             torch_dtype = torch.float32
         self.to(device=dev, dtype=torch_dtype)
         return self
+
+    def identity(self) -> dict:
+        """The keys `rag.index_folder.check_encoder` compares with an index's encoder record."""
+        return {**encoder_record(self.cfg), "fingerprint": self.fingerprint, "dim": self.dim}
 
     @property
     def device(self) -> torch.device:

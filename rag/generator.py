@@ -76,6 +76,15 @@ class Generator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def with_config(self, **changes) -> Generator:
+        """The same model and tokenizer under changed settings (e.g. a longer context), leaving this one as it is."""
+        import copy
+        import dataclasses
+
+        clone = copy.copy(self)  # shares the wrapped model's weights; only `cfg` differs
+        clone.cfg = dataclasses.replace(self.cfg, **changes)
+        return clone
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
@@ -97,6 +106,17 @@ class Generator(nn.Module):
         """Answers -> (N, T) token ids ending with EOS, padded, and their (N, T) mask."""
         return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
                          + [self.eos_id] for a in answers])
+
+    def target_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor, vocab_sum: bool = False,
+                        full: bool = False):
+        """The one teacher-forcing path (training loss, answer posteriors, RAG-sequence rescoring): (N, T) targets
+        under context rows (N,) -> log p(y_t | x, z, y_<t) (N, T), Σ_v log p(v | ...) (N, T) with `vocab_sum` (label
+        smoothing), and the whole (N, T, V) log-softmax with `full` (RAG-token label smoothing); None when not asked."""
+        from rag.marginal import gather_target_logprobs
+
+        logits = self.teacher_force(ctx, rows, targets)  # (N, T, V)
+        lp, total = gather_target_logprobs(logits, targets, vocab_sum)
+        return lp, total, torch.log_softmax(logits.float(), -1) if full else None
 
     def truncate(self, text: str) -> str:
         """The passage text as the model reads it (seq2seq: whole; its tokenizer truncates the joined input)."""
@@ -325,20 +345,20 @@ class CausalGenerator(Generator):
 
 
 def load_generator(cfg: GeneratorConfig) -> Generator:
-    """Load `cfg.name` (hub name, folder, or an offline package's GGUF, see rag.models) as the right family."""
+    """Load `cfg.name` (hub name, folder, or an offline package's GGUF, see rag.weights) as the right family."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from rag.models import load_causal_lm, resolve
+    from rag.weights import load_causal_lm, loading, resolve
 
+    # an offline package's GGUF first: it is a causal LM, and asking the hub for its config fails offline
+    model, tokenizer = load_causal_lm(cfg.name) if cfg.family != "seq2seq" else (None, None)
+    if model is not None:
+        return CausalGenerator(model.eval(), tokenizer, cfg)
     path = resolve(cfg.name)
-    if cfg.family == "causal" or (cfg.family == "auto" and not AutoConfig.from_pretrained(path).is_encoder_decoder):
-        model, tokenizer = load_causal_lm(cfg.name)
-        if model is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        gen = CausalGenerator(model.eval(), tokenizer, cfg)
-    else:
+    with loading("generator.name", cfg.name):
+        seq2seq = cfg.family == "seq2seq" or (cfg.family == "auto"
+                                              and AutoConfig.from_pretrained(path).is_encoder_decoder)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        gen = Seq2SeqGenerator(model.eval(), tokenizer, cfg)
-    return gen
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=torch.float32)
+    return (Seq2SeqGenerator if seq2seq else CausalGenerator)(model.eval(), tokenizer, cfg)

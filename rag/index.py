@@ -1,19 +1,11 @@
-"""The dense index on disk: FAISS index + passage vectors (.npy) + passage store (Arrow) + manifest.json.
+"""The dense index: FAISS index + passage vectors + passage store of an index folder, opened for search.
 
-Folder layout (see README, "On-disk format"):
-    manifest.json   what was built, with what, file sizes and sha256 checksums, the build report
-    config.yaml     the resolved build config
-    passages.arrow  id, doc_id, title, text (row position = FAISS id)
-    vectors.npy     (N, D) float16 or float32 passage vectors d(z), memory-mapped
-    index.faiss     the FAISS index over the same rows
+The folder's format (manifest, file names, generations) belongs to `rag.index_folder.IndexFolder`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,63 +13,19 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag.config import IndexConfig
+from rag.config import ConfigError, IndexConfig
+from rag.index_folder import IndexFolder, IndexFolderError
 from rag.passages import Passage
 from rag.store import PassageStore, SegmentedVectors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STORE_FILE = "passages.arrow"
-VECTORS_FILE = "vectors.npy"
-INDEX_FILE = "index.faiss"
-BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see README)"
-
-
-class IndexFolderError(ValueError):
-    """A missing or inconsistent index folder; the message names the folder or file."""
-
 
 @dataclass(frozen=True)
 class SearchResult:
     ids: np.ndarray  # (Q, k) int64 row positions, -1 where fewer than k hits
-    scores: np.ndarray  # (Q, k) float32 inner products d(z)ᵀq(x)
-    vectors: np.ndarray | None = None  # (Q, k, D) float32 stored d(z), on request
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file() and (folder / "build.json").is_file():
-        raise IndexFolderError(f"{folder} holds an unfinished build; rerun the same build command to resume it")
-    if not path.is_file():
-        raise IndexFolderError(f"{folder} is not a built index folder (no {MANIFEST}); {BUILD_HINT}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise IndexFolderError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rebuild with --overwrite") from None
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("complete") is not True:
-        raise IndexFolderError(f"{path}: an unfinished or foreign build (format {manifest.get('format_version')}); "
-                          f"rerun the build to resume it")
-    return manifest
+    scores: np.ndarray  # (Q, k) float32 inner products d(z)ᵀq(x); -inf where the id is -1
+    vectors: np.ndarray | None = None  # (Q, k, D) float32 stored d(z), on request (zeros where the id is -1)
 
 
 def factory_string(cfg: IndexConfig) -> str:
@@ -85,7 +33,7 @@ def factory_string(cfg: IndexConfig) -> str:
         return "Flat"
     if cfg.type == "hnsw":
         return f"HNSW{cfg.hnsw_m}"
-    return f"IVF{cfg.nlist},PQ{cfg.pq_m}x{cfg.nbits}"
+    return f"IVF{cfg.nlist},PQ{cfg.pq_m}x{cfg.nbits}np"  # np: no polysemous training, unused by search
 
 
 def _chunks(n: int, size: int):
@@ -118,9 +66,9 @@ def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True,
     n, dim = vectors.shape
     if cfg.type == "ivfpq":
         if dim % cfg.pq_m:
-            raise ValueError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
+            raise ConfigError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
         if n < cfg.nlist:
-            raise ValueError(f"index.nlist={cfg.nlist} needs at least that many passages (have {n}); lower it")
+            raise ConfigError(f"index.nlist={cfg.nlist} needs at least that many passages (have {n}); lower it")
     norm2 = max_norm2(vectors) if cfg.type == "hnsw" else None
     if norm2 is not None:
         index = faiss.index_factory(dim + 1, factory_string(cfg), faiss.METRIC_L2)
@@ -147,29 +95,6 @@ def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
         faiss.extract_index_ivf(index).nprobe = cfg.nprobe
 
 
-def layout(manifest: dict) -> dict:
-    """Which files make up the current generation (a fresh build is generation 0 with one segment)."""
-    return {
-        "generation": manifest.get("generation", 0),
-        "segments": manifest.get("segments") or [
-            {"store": STORE_FILE, "vectors": VECTORS_FILE, "rows": manifest["count"]}],
-        "index_file": manifest.get("index_file", INDEX_FILE),
-        "deleted_file": manifest.get("deleted_file"),
-    }
-
-
-def check_files(folder: Path, manifest: dict, verify: bool = False) -> None:
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise IndexFolderError(f"{path} is missing (listed in {folder / MANIFEST}); rebuild with --overwrite")
-        if path.stat().st_size != entry["bytes"]:
-            raise IndexFolderError(
-                f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
-
-
 class DenseIndex:
     """A built index folder opened for search. Opening maps the files; nothing large is read until searched.
 
@@ -191,53 +116,41 @@ class DenseIndex:
         self._params = self._search_params()
 
     @classmethod
-    def load(cls, folder: str | Path, encoder: dict | None = None, verify: bool = False,
-             **overrides) -> DenseIndex:
+    def load(cls, folder: str | Path | IndexFolder, verify: bool = False, **overrides) -> DenseIndex:
         """Open `folder` at its current generation; check it against its manifest (sizes; sha256 too with `verify`).
 
-        `encoder` (name, pooling, ...) is compared with the encoder the index was built with;
-        `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu).
-        """
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise IndexFolderError(f"index folder {folder} does not exist; {BUILD_HINT}")
-        manifest = read_manifest(folder)
-        check_files(folder, manifest, verify)
-        if encoder is not None:
-            built = manifest["encoder"]
-            diff = {k: (built.get(k), v) for k, v in encoder.items() if k in built and built.get(k) != v}
-            if diff:
-                said = "; ".join(f"{k}: index has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
-                raise IndexFolderError(f"{folder / MANIFEST}: encoder mismatch ({said}); rebuild the index with this "
-                                       f"encoder or use the one it was built with")
+        `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu)."""
+        where = folder if isinstance(folder, IndexFolder) else IndexFolder(folder)
+        manifest = where.read_manifest()
+        where.check_files(manifest, verify)
         known = set(IndexConfig.__dataclass_fields__)
         params = {k: v for k, v in manifest["index"].items() if k in known}
         params.update(overrides)
         cfg = IndexConfig(**params)
         count, dim = manifest["count"], manifest["dim"]
-        files = layout(manifest)
+        files = where.layout(manifest)
 
-        parts = [np.load(folder / seg["vectors"], mmap_mode="r") for seg in files["segments"]]
+        parts = [_open(where.file(seg["vectors"]), lambda p: np.load(p, mmap_mode="r")) for seg in files["segments"]]
         vectors = parts[0] if len(parts) == 1 else SegmentedVectors(parts)
         if vectors.shape != (count, dim):
-            raise IndexFolderError(f"{folder / files['segments'][0]['vectors']}: shape {vectors.shape}, "
+            raise IndexFolderError(f"{where.file(files['segments'][0]['vectors'])}: shape {vectors.shape}, "
                                    f"manifest says ({count}, {dim})")
-        store = PassageStore([folder / seg["store"] for seg in files["segments"]])
+        store = _open([where.file(seg["store"]) for seg in files["segments"]], PassageStore)
         if len(store) != count:
-            raise IndexFolderError(f"{folder / files['segments'][0]['store']}: {len(store)} rows, "
+            raise IndexFolderError(f"{where.file(files['segments'][0]['store'])}: {len(store)} rows, "
                                    f"manifest says {count}")
         # Memory-map the index codes (flat and HNSW storage) so that opening costs no resident memory.
-        path = folder / files["index_file"]
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        path = where.file(files["index_file"])
+        index = _open(path, lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
         norm2 = manifest["index"].get("mips_norm2")
         if index.ntotal != count or index.d != dim + (norm2 is not None):
             raise IndexFolderError(f"{path}: {index.ntotal} vectors of dimension {index.d}, "
                                    f"manifest says {count} of {dim}")
-        deleted = np.load(folder / files["deleted_file"]) if files["deleted_file"] else None
+        deleted = _open(where.file(files["deleted_file"]), np.load) if files["deleted_file"] else None
         set_search_params(index, cfg)
         if cfg.use_gpu:
             index = _to_gpu(index, cfg)
-        return cls(folder, manifest, index, vectors, store, cfg, norm2, deleted)
+        return cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted)
 
     def _search_params(self):
         """faiss search parameters that mask deleted rows (None when nothing is deleted)."""
@@ -285,6 +198,7 @@ class DenseIndex:
             ids = np.take_along_axis(ids, top, 1)
             scores = np.take_along_axis(exact, top, 1)
             vecs = np.take_along_axis(vecs, top[:, :, None], 1)  # (Q, k, D)
+        scores = np.where(ids < 0, -np.inf, scores)  # a missing hit (HNSW after deletions, IVF with few probes)
         return SearchResult(ids=ids.astype(np.int64), scores=scores.astype(np.float32),
                             vectors=vecs if return_vectors else None)
 
@@ -297,9 +211,31 @@ class DenseIndex:
         out[valid] = np.asarray(self.vectors[uniq], dtype=np.float32)[inverse]
         return out.reshape(*ids.shape, -1)
 
+    def live_texts(self, chunk: int = 50_000):
+        """The texts of the searchable passages, `chunk` rows at a time."""
+        column = self.store.table.column("text")
+        for start in range(0, len(self.store), chunk):
+            texts = column.slice(start, chunk).to_pylist()
+            if len(self.deleted):
+                gone = self.deleted[(self.deleted >= start) & (self.deleted < start + len(texts))] - start
+                keep = np.ones(len(texts), dtype=bool)
+                keep[gone] = False
+                texts = [t for t, k in zip(texts, keep, strict=True) if k]
+            yield texts
+
     def passages(self, ids) -> list[Passage | None]:
         """Passages (id, doc_id, title, text) at row positions; None for -1."""
         return self.store.rows(ids)
+
+
+def _open(path, reader):
+    """Read one file of the folder; a damaged file is an error that names it."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        name = ", ".join(map(str, path)) if isinstance(path, list) else str(path)
+        raise IndexFolderError(f"{name}: cannot be read ({str(e).splitlines()[0][:200]}); the file is damaged, "
+                               "rebuild the index with --overwrite") from None
 
 
 def _to_gpu(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:

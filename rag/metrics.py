@@ -67,7 +67,10 @@ def has_answer(text: str, golds: Iterable[str], patterns: bool = False) -> bool:
 
 
 def passage_has_answer(passage, golds: Iterable[str]) -> bool:
-    """A gold answer occurs in the passage's title or text (the generator's prompt shows both)."""
+    """A gold answer occurs in the passage's title or text (the generator's prompt shows both); never in a missing
+    hit (None)."""
+    if passage is None:
+        return False
     return has_answer(f"{passage.title}\n{passage.text}", golds)
 
 

@@ -42,10 +42,10 @@ class RagModel(nn.Module):
         for label smoothing, + the full (B, K, T, V) log-probs for RAG-token smoothing)."""
         B, T = targets.shape
         rows = torch.arange(B * K, device=targets.device)
-        logits = self.generator.teacher_force(ctx, rows, targets.repeat_interleave(K, 0))  # (B·K, T, V)
-        lp, vocab_sum = marginal.gather_target_logprobs(logits, targets.repeat_interleave(K, 0), smoothing)
-        full_lp = torch.log_softmax(logits.float(), -1).view(B, K, T, -1) if full else None
-        return lp.view(B, K, T), None if vocab_sum is None else vocab_sum.view(B, K, T), full_lp
+        lp, vocab_sum, full_lp = self.generator.target_logprobs(ctx, rows, targets.repeat_interleave(K, 0),
+                                                                smoothing, full)  # (B·K, T), (B·K, T), (B·K, T, V)
+        return (lp.view(B, K, T), None if vocab_sum is None else vocab_sum.view(B, K, T),
+                None if full_lp is None else full_lp.view(B, K, T, -1))
 
     def forward(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
                 smoothing: float = 0.0, rag_weight: float = 1.0, distant_weight: float = 0.0,
@@ -110,8 +110,7 @@ class RagModel(nn.Module):
         tokens = list(hyp.tokens) or [self.generator.eos_id]
         target = torch.tensor([tokens], device=doc_lp.device)
         rows = b * K + torch.arange(K, device=doc_lp.device)
-        logits = self.generator.teacher_force(ctx, rows, target.expand(K, -1))  # (K, T, V)
-        lp, _ = marginal.gather_target_logprobs(logits, target.expand(K, -1), vocab_sum=False)
+        lp, _, _ = self.generator.target_logprobs(ctx, rows, target.expand(K, -1))  # (K, T)
         lp = lp[None]  # (1, K, T)
         mask = torch.ones(1, len(tokens), device=doc_lp.device)
         post = marginal.sequence_posteriors(lp, doc_lp[b : b + 1], mask)[0]

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag.config import CorpusConfig, PassageConfig
+from rag.config import ConfigError, CorpusConfig, PassageConfig
+from rag.errors import RagError
 
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(RagError, ValueError):
     """Bad corpus input; the message names the file and the line (or byte offset)."""
 
 
@@ -288,7 +289,7 @@ def split_document(
 ) -> list[Passage]:
     """Cut a document into passages of `cfg.words` words; ids are `{doc_id}#{n}`, stable for a corpus and config."""
     if cfg.words < 1 or not 1 <= cfg.stride <= cfg.words:
-        raise ValueError(f"passages: need words >= 1 and 1 <= stride <= words, got {cfg.words}, {cfg.stride}")
+        raise ConfigError(f"passages: need words >= 1 and 1 <= stride <= words, got {cfg.words}, {cfg.stride}")
     if sentences is not None:
         chunks = [" ".join(c) for c in _sentence_windows([s.split() for s in sentences(doc.text)], cfg.words,
                                                           cfg.stride)]

@@ -1,25 +1,53 @@
-"""The public face: `RagPipeline.answer(question)` -> an `Answer` with its provenance."""
+"""The one way in: `RagPipeline.load(...)`, then `retrieve`, `answer`, `answer_batch`; devices are chosen here.
+
+Everything outside rag/ (the CLIs, eval, the benchmarks, the trainer's loop) goes through this class.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rag.config import DecodingConfig, RagConfig, apply_overrides, from_dict, load_config, save_config, to_dict
-from rag.encoders import Encoder
+from rag.config import (
+    DecodingConfig,
+    EncoderConfig,
+    RagConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    resolve_config_path,
+    save_config,
+    to_dict,
+)
+from rag.encoders import Encoder, encoder_record, resolve_device
+from rag.errors import BadInput, BadType
 from rag.generator import load_generator
 from rag.index import DenseIndex
+from rag.index_folder import IndexFolder
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.retriever import Retrieved, Retriever, check_questions
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = "configs/rag/demo.yaml"
+SAVED_CONFIG = "rag.yaml"  # beside query_encoder/ and generator/ in a save_pretrained folder
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved passage."""
+
+    id: str
+    doc_id: str
+    title: str
+    text: str
+    score: float  # d(z)ᵀq(x)
 
 
 @dataclass(frozen=True)
@@ -40,7 +68,8 @@ class Answer:
     mode: str
     passages: tuple[Passage, ...]
     tokens: tuple[str, ...] = ()
-    # RAG-token: (T, K) p(z | x, y_1..t) per answer token, so a person can see which passage produced which word
+    # RAG-token: one row per answer token, one column per passage: p(z | x, y_1..t), so that a person can see
+    # which passage produced which word (a tuple of tuples; `numpy.array(a.token_posteriors)` is (T, K)).
     token_posteriors: tuple[tuple[float, ...], ...] | None = None
     # Indices of the passages that contain the answer (normalised, whole words), and their posterior mass.
     supporting: tuple[int, ...] = ()
@@ -56,109 +85,134 @@ class Answer:
 SUPPORT_MIN = 0.2  # posterior mass; with k=5 a fifth is what one passage holds under a uniform posterior
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, else relative to the repository's configs/ folder."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    for candidate in (REPO_CONFIGS.parent / p, REPO_CONFIGS / p):
-        if candidate.is_file():
-            return candidate
-    return p
+def load_rag_config(source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = ()) -> RagConfig:
+    """The RagConfig of a `load` source: a save_pretrained folder, a YAML file (or a shipped config's name such as
+    "configs/rag/demo.yaml"), a RagConfig, or None for the embedded default."""
+    if isinstance(source, RagConfig):
+        return from_dict(RagConfig, apply_overrides(to_dict(source), overrides))
+    folder = Path(source).expanduser() if source is not None else None
+    if folder is not None and folder.is_dir():
+        if not (folder / SAVED_CONFIG).is_file():
+            raise FileNotFoundError(f"{folder} has no {SAVED_CONFIG}; it was not written by "
+                                    "RagPipeline.save_pretrained or training")
+        return load_config(RagConfig, folder / SAVED_CONFIG, (
+            f"query_encoder.name={folder / 'query_encoder'}", f"generator.name={folder / 'generator'}", *overrides))
+    return load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
 
 
 class RagPipeline:
+    """BERT_q + index + generator on one device. Public calls never change the pipeline, except `reload_index`."""
+
     def __init__(self, model: RagModel, cfg: RagConfig):
         self.model = model
         self.cfg = cfg
 
     @classmethod
-    def from_config(cls, config: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = ()) -> RagPipeline:
-        """Load from a YAML file (default: configs/rag/demo.yaml), a `RagConfig`, or the defaults."""
-        if isinstance(config, RagConfig):
-            cfg = from_dict(RagConfig, apply_overrides(to_dict(config), overrides))
-        else:
-            path = resolve_config_path(config or "rag/demo.yaml")
-            cfg = load_config(RagConfig, path if path.is_file() or config else None, overrides)
-        return cls.from_parts(cfg)
+    def load(cls, source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = ()) -> RagPipeline:
+        """Load from a save_pretrained folder, a RAG config YAML, a `RagConfig`, or (None) the embedded default.
 
-    @classmethod
-    def from_parts(cls, cfg: RagConfig) -> RagPipeline:
-        from rag.index import IndexFolderError
+        The index folder must be built (`python -m index_builder build`; `rag ask` builds the demo's on first use).
+        BERT_q, the generator and the index go to `cfg.device`."""
+        cfg = load_rag_config(source, tuple(overrides))
+        device = resolve_device(cfg.device)
+        folder = IndexFolder(cfg.index)
+        index = DenseIndex.load(folder, **({"use_gpu": True} if cfg.faiss_gpu else {}))
+        qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
+        encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device)))
+        folder.check_encoder(index.manifest, encoder.identity())
+        generator = load_generator(cfg.generator).to(device)
+        return cls(RagModel(Retriever(encoder, index), generator), dataclasses.replace(cfg, query_encoder=qcfg))
 
-        folder = Path(cfg.index).expanduser()
-        if not (folder / "manifest.json").is_file() and cfg.build:
-            _build_index(cfg)
-        index = DenseIndex.load(folder)
-        built = index.manifest["encoder"]
-        for key in ("pooling", "normalize"):
-            if getattr(cfg.query_encoder, key) != built[key]:
-                raise IndexFolderError(
-                    f"{folder}: the index was built with {key}={built[key]!r} but query_encoder.{key} is "
-                    f"{getattr(cfg.query_encoder, key)!r}; BERT_q must pool like BERT_d")
-        encoder = Encoder.from_config(cfg.query_encoder)
-        generator = load_generator(cfg.generator)
-        return cls(RagModel(Retriever(encoder, index), generator), cfg)
+    @property
+    def device(self) -> torch.device:
+        return self.model.generator.device
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, overrides: tuple[str, ...] = ()) -> RagPipeline:
-        """Load a folder written by `save_pretrained` (safetensors weights + rag.yaml)."""
-        folder = Path(folder).expanduser()
-        if not (folder / "rag.yaml").is_file():
-            raise FileNotFoundError(f"{folder} has no rag.yaml; it was not written by RagPipeline.save_pretrained")
-        return cls.from_parts(load_config(RagConfig, folder / "rag.yaml", (
-            f"query_encoder.name={folder / 'query_encoder'}", f"generator.name={folder / 'generator'}",
-            *overrides)))
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The trainable parts by name (BERT_d and the index are never trained)."""
+        return {"query_encoder": self.model.retriever.encoder, "generator": self.model.generator}
+
+    def info(self) -> dict:
+        """What is loaded: models, index folder, generation, passages, device."""
+        index = self.model.retriever.index
+        return {"query_encoder": self.model.retriever.encoder.cfg.name, "generator": self.cfg.generator.name,
+                "index": str(index.folder), "generation": index.generation, "passages": len(index),
+                "index_encoder": index.manifest["encoder"].get("name"), "device": str(self.device),
+                "mode": self.cfg.mode, "n_docs": self.cfg.n_docs}
 
     def save_pretrained(self, folder: str | Path) -> None:
+        """safetensors weights of BERT_q and the generator with their tokenizers, and the RagConfig (rag.yaml)."""
         folder = Path(folder).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        for name, part in (("query_encoder", self.model.retriever.encoder), ("generator", self.model.generator)):
+        for name, part in self.parts().items():
             part.model.save_pretrained(folder / name, safe_serialization=True)
             part.tokenizer.save_pretrained(folder / name)
-        cfg = dataclasses.replace(self.cfg, index=str(Path(self.cfg.index).expanduser().resolve()))
-        save_config(cfg, folder / "rag.yaml")
+        cfg = dataclasses.replace(self.cfg, index=str(self.model.retriever.index.folder.resolve()))
+        save_config(cfg, folder / SAVED_CONFIG)
 
     def reload_index(self, folder: str | Path | None = None) -> int:
         """Pick up the current generation of the index folder (or switch to another folder) without reloading the
         models; returns the generation. Calls already running finish on the generation they started with."""
-        folder = Path(folder or self.cfg.index).expanduser()
+        where = IndexFolder(folder or self.cfg.index)
         old = self.model.retriever.index
-        index = DenseIndex.load(folder)
+        index = DenseIndex.load(where, **({"use_gpu": True} if self.cfg.faiss_gpu else {}))
+        where.check_encoder(index.manifest, self.model.retriever.encoder.identity())
         if index.manifest["encoder"].get("fingerprint") != old.manifest["encoder"].get("fingerprint"):
-            log.warning("%s was built with another document encoder (%s) than the current index (%s)", folder,
+            log.warning("%s was built with another document encoder (%s) than the current index (%s)", where.path,
                         index.manifest["encoder"]["name"], old.manifest["encoder"]["name"])
         self.model.retriever.index = index  # one reference swap: atomic for every later call
-        self.cfg = dataclasses.replace(self.cfg, index=str(folder))
+        self.cfg = dataclasses.replace(self.cfg, index=str(folder) if folder else self.cfg.index)
         return index.generation
+
+    def retrieve(self, questions: list[str] | str, k: int | None = None) -> list[list[Hit]]:
+        """The top-k passages of each question, best first (fewer where the index holds fewer)."""
+        questions = check_questions(questions)
+        k = _positive("k", k, self.cfg.n_docs)
+        with torch.inference_mode():
+            got = self.model.retriever(questions, k)
+        return [[Hit(p.id, p.doc_id, p.title, p.text, float(s)) for p, s in zip(ps, scores.tolist(), strict=True)
+                 if p is not None] for ps, scores in zip(got.passages, got.doc_scores, strict=True)]
+
+    def passage_texts(self, chunk: int = 50_000) -> Iterator[list[str]]:
+        """The texts of every live passage of the index, `chunk` at a time (a stream: the corpus is never joined)."""
+        index = self.model.retriever.index
+        yield from index.live_texts(chunk)
 
     def answer(self, question: str, mode: str | None = None, decoding: DecodingConfig | dict | None = None,
                n_docs: int | None = None) -> Answer:
         if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
+            raise BadType(f"question must be a string, got {type(question).__name__}")
         return self.answer_batch([question], mode, decoding, n_docs)[0]
 
     def answer_batch(self, questions: list[str], mode: str | None = None,
                      decoding: DecodingConfig | dict | None = None, n_docs: int | None = None,
-                     batch_size: int = 8, passages: list[list] | None = None) -> list[Answer]:
-        """Answer many questions, `batch_size` at a time. `passages` (one list per question, all of one length)
-        replaces retrieval: those passages with equal priors (None for the question alone: closed-book)."""
+                     batch_size: int = 8, passages: list[list] | None = None,
+                     context_length: int | None = None) -> list[Answer]:
+        """Answer many questions, `batch_size` at a time.
+
+        `passages` (one list per question, all of one length) replaces retrieval: those passages with equal priors
+        (None for the question alone: closed-book). `context_length` changes the generator's context limit for this
+        call only (e.g. several passages joined into one)."""
         questions = check_questions(questions)
         if passages is not None and len(passages) != len(questions):
-            raise ValueError(f"{len(passages)} passage lists for {len(questions)} questions")
+            raise BadInput(f"{len(passages)} passage lists for {len(questions)} questions")
         mode = mode or self.cfg.mode
         if mode not in ("sequence", "token"):
-            raise ValueError(f"mode must be 'sequence' or 'token', got {mode!r}")
+            raise BadInput(f"mode must be 'sequence' or 'token', got {mode!r}")
         cfg = self.cfg.decoding if decoding is None else (
             decoding if isinstance(decoding, DecodingConfig) else from_dict(
                 DecodingConfig, {**to_dict(self.cfg.decoding), **decoding}, "decoding"))
-        n_docs = n_docs or self.cfg.n_docs
+        n_docs = _positive("n_docs", n_docs, self.cfg.n_docs)
+        batch_size = _positive("batch_size", batch_size, 8)
+        model = self.model
+        if context_length is not None:
+            gen = model.generator.with_config(max_context_length=_positive("context_length", context_length, 1))
+            model = RagModel(model.retriever, gen)
         out = []
         for s in range(0, len(questions), batch_size):
             chunk = questions[s : s + batch_size]
-            given = None if passages is None else _given(passages[s : s + batch_size], self.model.generator.device)
+            given = None if passages is None else _given(passages[s : s + batch_size], self.device)
             with torch.inference_mode():
-                retrieved, generated = self.model.generate(chunk, mode, cfg, n_docs, retrieved=given)
+                retrieved, generated = model.generate(chunk, mode, cfg, n_docs, retrieved=given)
             for b, (q, gens) in enumerate(zip(chunk, generated, strict=True)):
                 out.append(self._answer(q, mode, retrieved, b, gens[0]))
         return out
@@ -170,10 +224,28 @@ class RagPipeline:
         )
         tok = self.model.generator.tokenizer
         supporting = supporting_passages(g.text, passages)
+        token_posteriors = None
+        if mode == "token":
+            real = [k for k, p in enumerate(retrieved.passages[b]) if p is not None]
+            token_posteriors = tuple(tuple(row[k] for k in real) for row in g.token_posteriors)
         return Answer(question=question, text=g.text, score=g.score, mode=mode, passages=passages,
-                      tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))),
-                      token_posteriors=g.token_posteriors if mode == "token" else None,
+                      tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))), token_posteriors=token_posteriors,
                       supporting=supporting, support=sum(passages[k].posterior for k in supporting))
+
+
+def encoder_record_of(manifest: dict) -> dict:
+    """The EncoderConfig fields an index's manifest records of its encoder."""
+    keys = encoder_record(EncoderConfig()).keys()
+    return {k: manifest["encoder"][k] for k in keys if k in manifest["encoder"]}
+
+
+def _positive(name: str, value, default: int) -> int:
+    """An optional count argument: None takes the default; anything else must be an integer >= 1."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def supporting_passages(answer: str, passages) -> tuple[int, ...]:
@@ -191,17 +263,7 @@ def _given(passages: list[list], device) -> Retrieved:
 
     widths = {len(ps) for ps in passages}
     if len(widths) != 1 or 0 in widths:
-        raise ValueError("every question needs the same, non-zero number of passages")
+        raise BadInput("every question needs the same, non-zero number of passages")
     k = widths.pop()
     return Retrieved(np.full((len(passages), k), -1), torch.zeros(len(passages), k, device=device),
                      [list(ps) for ps in passages])
-
-
-def _build_index(cfg: RagConfig) -> None:
-    """First use of a config whose index is missing: build it from `cfg.build` (an index config)."""
-    from index_builder.build import build  # the builder sits above rag; imported only on this path
-    from rag.config import BuildConfig
-
-    path = resolve_config_path(cfg.build)
-    log.warning("index %s not found: building it from %s (once; later runs load it)", cfg.index, path)
-    build(load_config(BuildConfig, path, [f"output={cfg.index}"]), progress=True)

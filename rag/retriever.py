@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rag.encoders import Encoder
+from rag.errors import BadInput, BadType
 from rag.index import DenseIndex
 from rag.passages import Passage
 
@@ -30,9 +31,9 @@ def check_questions(questions) -> list[str]:
     out = []
     for q in questions:
         if not isinstance(q, str):
-            raise TypeError(f"a question must be a string, got {type(q).__name__}")
+            raise BadType(f"a question must be a string, got {type(q).__name__}")
         if not q.strip():
-            raise ValueError("the question is empty; ask something")
+            raise BadInput("the question is empty; ask something")
         out.append(q.strip())
     return out
 
@@ -68,5 +69,8 @@ class Retriever(nn.Module):
         hits = index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
         d = torch.from_numpy(hits.vectors).to(q.device, q.dtype)  # (B, K, D)
         doc_scores = torch.einsum("bkd,bd->bk", d, q)  # (B, K)
+        missing = torch.from_numpy(hits.ids < 0).to(q.device)  # (B, K) no hit: masked out of every softmax
+        if missing.any():
+            doc_scores = doc_scores.masked_fill(missing, float("-inf"))
         passages = [index.passages(row) for row in hits.ids]
         return Retrieved(hits.ids, doc_scores, passages)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from rag.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from rag.config import TrainConfig, load_config, resolve_config_path, save_config, to_dict
+from rag.errors import RagError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RagError):
     pass
 
 
@@ -75,22 +76,25 @@ def load_examples(cfg: TrainConfig):
 
 
 def load_pipeline(cfg: TrainConfig):
-    from rag.pipeline import RagPipeline, resolve_config_path
+    """The pipeline to train: `cfg.rag` (a RAG config or a trained folder) with `cfg.rag_set`, its index built first
+    if missing. Its RagConfig (mode, k, decoding) is the one trained with, evaluated with and saved."""
+    from rag.first_use import ensure_index
+    from rag.pipeline import RagPipeline, load_rag_config
 
-    path = Path(cfg.rag).expanduser()
-    if (path / "rag.yaml").is_file():
-        return RagPipeline.from_pretrained(path)
-    return RagPipeline.from_config(resolve_config_path(cfg.rag))
+    rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
+    ensure_index(rag_cfg)
+    return RagPipeline.load(rag_cfg)
 
 
-def evaluate(pipe, examples, n_docs: int, mode: str) -> dict:
-    """Exact match, F1 and retrieval answer-recall@k on dev examples."""
+def evaluate(pipe, examples) -> dict:
+    """Exact match, F1 and retrieval answer-recall@k on dev examples, in the pipeline's mode and k."""
     from rag.metrics import recall_at_k, score_answer
 
+    n_docs = pipe.cfg.n_docs
     em = f1 = rec = 0.0
     for s in range(0, len(examples), 8):
         chunk = examples[s : s + 8]
-        answers = pipe.answer_batch([e.question for e in chunk], mode=mode, n_docs=n_docs)
+        answers = pipe.answer_batch([e.question for e in chunk])
         for e, a in zip(chunk, answers, strict=True):
             scores = score_answer(a.text, e.answers, e.patterns)
             em += scores["em"]
@@ -128,27 +132,28 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
         dev = read_qa(cfg.data.dev, "auto", cfg.data.on_error)[: cfg.data.dev_limit]
     pipe = load_pipeline(cfg)
-    model = pipe.model
-    model.retriever.encoder.requires_grad_(cfg.train_query_encoder)
-    pooler = getattr(model.retriever.encoder.model, "pooler", None)
-    if pooler is not None and model.retriever.encoder.cfg.pooling != "pooler":
+    model = pipe.model  # the loop holds the model it trains; everything else goes through the pipeline
+    parts = pipe.parts()
+    query_encoder, generator = parts["query_encoder"], parts["generator"]
+    query_encoder.requires_grad_(cfg.train_query_encoder)
+    pooler = getattr(query_encoder.model, "pooler", None)
+    if pooler is not None and query_encoder.cfg.pooling != "pooler":
         pooler.requires_grad_(False)  # unused by cls/mean pooling: a parameter DDP would wait on for ever
-    model.generator.requires_grad_(cfg.train_generator)
+    generator.requires_grad_(cfg.train_generator)
     if not (cfg.train_query_encoder or cfg.train_generator):
         raise TrainingError("nothing to train: set train_query_encoder or train_generator")
     if cfg.rag_loss <= 0 and (cfg.train_generator or cfg.distant_loss <= 0):
         raise TrainingError("rag_loss 0 leaves " + ("the generator without a loss; set rag_loss > 0"
                             if cfg.train_generator else "no loss at all; set rag_loss or distant_loss > 0"))
     if cfg.gradient_checkpointing:
-        for part, on in ((model.retriever.encoder.model, cfg.train_query_encoder),
-                         (model.generator.model, cfg.train_generator)):
+        for part, on in ((query_encoder.model, cfg.train_query_encoder), (generator.model, cfg.train_generator)):
             if on and getattr(part, "supports_gradient_checkpointing", False):
                 part.gradient_checkpointing_enable()
     groups = []
     if cfg.train_query_encoder:
-        groups.append({"params": list(model.retriever.encoder.parameters()), "lr": cfg.lr_query_encoder})
+        groups.append({"params": list(query_encoder.parameters()), "lr": cfg.lr_query_encoder})
     if cfg.train_generator:
-        groups.append({"params": list(model.generator.parameters()), "lr": cfg.lr_generator})
+        groups.append({"params": list(generator.parameters()), "lr": cfg.lr_generator})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     state = Progress()
@@ -175,7 +180,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         for batch in mine:
             with acc.accumulate(model):
                 questions, answers = [q for q, _ in batch], [a for _, a in batch]
-                loss = model(questions, answers, mode=cfg.mode, n_docs=cfg.n_docs, smoothing=cfg.label_smoothing,
+                loss = model(questions, answers, mode=pipe.cfg.mode, n_docs=pipe.cfg.n_docs,
+                             smoothing=cfg.label_smoothing,
                              rag_weight=cfg.rag_loss, distant_weight=cfg.distant_loss,
                              distant_docs=cfg.distant_docs, distant_scale=cfg.distant_scale).mean()
                 if not torch.isfinite(loss):
@@ -222,7 +228,7 @@ def _evaluate(acc, pipe, dev, cfg, state, out):
     if acc.is_main_process:
         was = pipe.model.training
         pipe.model.eval()
-        scores = evaluate(pipe, dev, cfg.n_docs, cfg.mode)
+        scores = evaluate(pipe, dev)
         pipe.model.train(was)
         _log(acc, out, cfg, {f"dev/{k}": v for k, v in scores.items()}, state.step)
         log.info("step %d dev %s", state.step, json.dumps(scores))
@@ -276,17 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from rag.passages import CorpusError
+    from rag.cli import quiet_logging
+    from rag.errors import run_cli
 
-    try:
-        cfg = load_config(TrainConfig, args.config, args.set)
+    quiet_logging()
+
+    def run() -> int:
+        cfg = load_config(TrainConfig, resolve_config_path(args.config) if args.config else None, args.set)
         done = train(cfg, args.resume, progress=not args.quiet)
         print(f"trained model: {done.final}")
-    except (ConfigError, CorpusError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def _contains(seq: list[int], part: list[int]) -> bool:
 
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def pipe(request, tiny_index, tiny_bert, tiny_lms):
-    return RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
+    return RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
 
 
 @pytest.mark.parametrize("mode, beams", [("token", 1), ("token", 3), ("sequence", 1), ("sequence", 2)])
@@ -111,12 +111,12 @@ def test_answers_start_at_a_word_of_the_asked_type():
 
 def test_stop_strings_and_answer_prefix(tiny_index, tiny_bert, tiny_lms):
     base = rag_config(tiny_index, tiny_bert, tiny_lms["llama"])
-    free = RagPipeline.from_config(base).answer("what is the capital of france ?", decoding={"max_new_tokens": 6})
+    free = RagPipeline.load(base).answer("what is the capital of france ?", decoding={"max_new_tokens": 6})
     assert len(free.tokens) >= 2, "the tiny model should say more than one token unprompted"
     stop_word = free.tokens[1].lstrip("Ġ▁")
     cfg = dataclasses.replace(base, generator=dataclasses.replace(base.generator, stop=(stop_word,),
                                                                   answer_prefix=" answer :"))
-    pipe = RagPipeline.from_config(cfg)
+    pipe = RagPipeline.load(cfg)
     gen = pipe.model.generator
     stop_id = gen.tokenizer.convert_tokens_to_ids(free.tokens[1])
     assert stop_id in gen.eos_ids and gen.eos_id != stop_id  # decoding stops there; targets still end with EOS

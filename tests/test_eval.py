@@ -50,7 +50,7 @@ def test_configurable_jsonl_fields(tmp_path):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_index, tiny_bert, tiny_lms):
-    return RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
+    return RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
 
 
 QUESTIONS = [

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rag.config import IndexConfig
-from rag.index import MANIFEST, DenseIndex, IndexFolderError, augment, build_faiss, set_search_params
+from rag.index import DenseIndex, augment, build_faiss, set_search_params
+from rag.index_folder import MANIFEST, IndexFolderError
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
@@ -130,8 +131,17 @@ def test_load_checks(built, tmp_path):
         DenseIndex.load(tmp_path / "nope")
     with pytest.raises(IndexFolderError, match="no manifest.json"):
         DenseIndex.load(tmp_path)
-    with pytest.raises(IndexFolderError, match="encoder mismatch.*pooling: index has 'mean', asked for 'cls'"):
-        DenseIndex.load(built["flat"], encoder={"pooling": "cls"})
+    from rag.index_folder import EncoderMismatch, IndexFolder
+
+    folder = IndexFolder(built["flat"])
+    manifest = folder.read_manifest()
+    with pytest.raises(EncoderMismatch, match="encoder mismatch.*pooling: index has 'mean', encoder has 'cls'"):
+        folder.check_encoder(manifest, {"pooling": "cls", "normalize": True, "dim": manifest["dim"]})
+    with pytest.raises(EncoderMismatch, match="dim: index has 32, encoder has 16"):
+        folder.check_encoder(manifest, {"pooling": "mean", "dim": 16})
+    with pytest.raises(EncoderMismatch, match="fingerprint"):
+        folder.check_encoder(manifest, {"fingerprint": "0" * 16}, same_weights=True)
+    folder.check_encoder(manifest, {"fingerprint": "0" * 16, "pooling": "mean"})  # a query encoder: other weights
     broken = tmp_path / "broken"
     shutil.copytree(built["flat"], broken)
     m = json.loads((broken / MANIFEST).read_text())

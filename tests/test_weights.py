@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from rag import models
+from rag import weights
 
 
 class _File:
@@ -48,24 +48,24 @@ def split_zip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", distribution)
     monkeypatch.setenv("RAG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(models.SPLIT_ZIP_PACKAGES, "org/tiny",
+    monkeypatch.setitem(weights.SPLIT_ZIP_PACKAGES, "org/tiny",
                         ([f"tiny-part-00{i}" for i in range(1, 4)], "tiny.zip.00", "tiny-model"))
     return dists, tmp_path / "cache" / "models" / "org--tiny"
 
 
 def test_a_split_zip_is_joined_once_and_then_read_from_the_cache(split_zip):
     dists, cached = split_zip
-    assert models.resolve("org/tiny") == str(cached)
+    assert weights.resolve("org/tiny") == str(cached)
     assert (cached / "config.json").read_text() == '{"model_type": "bert"}'
     assert (cached / "vocab.txt").read_text().count("[PAD]") == 2000
     assert sorted(p.name for p in cached.parent.iterdir()) == ["org--tiny"]  # no joined zip or temp folder left
     dists.clear()  # the packages are gone: the cache still answers
-    assert models.resolve("org/tiny") == str(cached)
+    assert weights.resolve("org/tiny") == str(cached)
 
 
 def test_a_missing_part_falls_back_to_the_hub_name(split_zip):
     dists, cached = split_zip
     del dists["tiny-part-002"]
-    assert models.resolve("org/tiny") == "org/tiny"
+    assert weights.resolve("org/tiny") == "org/tiny"
     assert not cached.exists()
 

@@ -1,0 +1,36 @@
+"""First use at the edge (`rag ask`, `rag.answer`, eval, training): build a config's missing index.
+
+The builder runs as its own program (`python -m index_builder build`), so that rag/ never imports index_builder/,
+and its progress and its resume after Ctrl-C are the builder's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from rag.config import RagConfig, resolve_config_path
+from rag.index_folder import IndexFolder, IndexFolderError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_index(cfg: RagConfig) -> None:
+    """Build `cfg.index` from the index config `cfg.build` when the folder holds no finished index."""
+    folder = IndexFolder(cfg.index)
+    if folder.is_built() or not cfg.build:
+        return
+    config = resolve_config_path(cfg.build)
+    resuming = folder.state_path.is_file()
+    log.info("%s the index %s from %s (once; later runs load it, and a stopped build resumes)",
+             "resuming" if resuming else "building", folder.path, config)
+    command = [sys.executable, "-m", "index_builder", "build", "--config", str(config), "--set",
+               f"output={folder.path}"]
+    try:
+        out = sys.stderr.fileno()  # the builder's lines go to stderr: stdout stays the caller's (rag ask --json)
+    except (AttributeError, OSError, ValueError):
+        out = None  # a captured stderr (tests, notebooks) has no file descriptor
+    if subprocess.run(command, stdout=out).returncode != 0:
+        raise IndexFolderError(f"building {folder.path} from {config} failed (see above); fix what it says and run "
+                               "again: a rerun resumes the build")
