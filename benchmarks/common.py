@@ -5,8 +5,6 @@ from __future__ import annotations
 import platform
 import time
 
-import numpy as np
-
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     """fp32 GFLOP/s of a square torch matmul on this machine (the scale every benchmark is read against)."""
@@ -22,21 +20,41 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def machine() -> str:
+    """The CPU by name, its cores, and whether it has bfloat16 matrix units (AMX) or instructions (AVX512-BF16):
+    figures are only comparable between runs on the same kind."""
     import os
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {'+'.join(bf16) or 'no bf16 units'}"
 
 
-def rss_mib() -> float:
-    import psutil
+def run_module(module: str, args: list[str]) -> tuple[float, float, str]:
+    """`python -m module args` in a fresh process: its wall seconds, its own peak resident memory (MiB, read by the
+    child itself as it exits) and its stdout."""
+    import subprocess
+    import sys
 
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def table(rows: list[dict], floatfmt: str = "{:.3g}") -> str:
-    """A markdown table from a list of dicts with the same keys."""
-    keys = list(rows[0])
-    fmt = lambda v: floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    code = ("import resource, runpy, sys\n"
+            f"sys.argv = [{module!r}, *{args!r}]\n"
+            "try:\n"
+            f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "finally:\n"
+            "    print(f'PEAK_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n")
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if run.returncode:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} failed: {run.stderr[-2000:]}")
+    peak = next(int(line.split()[1]) for line in run.stderr.splitlines() if line.startswith("PEAK_KIB "))
+    return seconds, peak / 1024, run.stdout

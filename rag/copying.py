@@ -7,7 +7,8 @@ A row's state is the set of positions in its passages' token sequences where the
   unless no passage has a word of that type.
 - The next token may be any token found right after one of the positions.
 - The answer may end (EOS or a stop string) once it holds a letter or digit and one of the positions sits at a word
-  boundary in its passage: "1" of "1969" cannot be an answer, "1969" can. At a boundary after `max_words` words
+  boundary in its passage, i.e. nothing but punctuation follows it up to the next white space: "1" of "1969" and
+  "121" of "121,684" cannot be answers, "1969" of "1969)." can. At a boundary after `max_words` words
   (0: no limit) it must end: NQ-style answers are at most five words.
 Everything else gets log-probability -inf before the search picks.
 """
@@ -123,7 +124,15 @@ class CopyStepper:
         self.words = [0] * len(spans)  # per row: words begun so far
 
     def _boundary(self, seq: list[int], i: int) -> bool:
-        return i >= len(seq) or not self.text(seq[i])[:1].isalnum()
+        """Whether a copy ending before position i ends a word: what follows up to the next white space holds no
+        letter or digit ("1969" before ")." ends one; "121" before ",684" and "6" before "84" do not)."""
+        for t in seq[i:]:
+            text = self.text(t)
+            if text[:1].isspace():
+                return True
+            if any(c.isalnum() for c in text):
+                return False
+        return True
 
     def _mask(self, lp: torch.Tensor) -> torch.Tensor:
         allowed = torch.zeros_like(lp, dtype=torch.bool)

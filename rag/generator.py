@@ -258,11 +258,16 @@ class CausalGenerator(Generator):
             log.warning("tokenizer of %s has no chat template; using the plain prompt template", cfg.name)
 
     def truncate(self, text: str) -> str:
-        """The text up to its `max_context_length`-th token, cut in the original string (no re-spelling)."""
+        """The text up to its `max_context_length`-th token, cut in the original string (no re-spelling) at the
+        white space before that token's word, so that no passage (nor an answer copied from it) ends mid-word."""
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) <= self.cfg.max_context_length:
             return text
-        return text[: offsets[self.cfg.max_context_length - 1][1]]
+        cut = offsets[self.cfg.max_context_length - 1][1]
+        if cut < len(text) and not text[cut].isspace():  # the token limit falls inside a word
+            space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+            cut = space if space > 0 else cut
+        return text[:cut].rstrip()
 
     def prompt(self, question: str, passage: Passage | None) -> str:
         if passage is None:

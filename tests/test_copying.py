@@ -33,13 +33,16 @@ def test_copied_answers_are_passage_spans(pipe, mode, beams):
 
 
 class _Uniform:
-    """A stepper whose every next token is equally likely, over a 12-token vocabulary."""
+    """A stepper whose every next token is equally likely, over a small vocabulary (12 tokens unless told)."""
+
+    def __init__(self, vocab: int = 12):
+        self.vocab = vocab
 
     def start(self):
-        return torch.zeros(2, 12)
+        return torch.zeros(2, self.vocab)
 
     def step(self, tokens):
-        return torch.zeros(2, 12)
+        return torch.zeros(2, self.vocab)
 
     def reorder(self, index):
         pass
@@ -67,7 +70,7 @@ def test_copied_answers_start_and_end_at_words():
     stepper = CopyStepper(_Uniform(), spans=[[[8, 9, 10, 11]], [[3, 4, 11, 5]]], eos=[0], text=TEXT,
                           questions=["x ?", "d ?"])
     assert _allowed(stepper.start()) == [[8, 9], [4, 5]]  # no quote; row 2 skips the function word " a"
-    assert _allowed(stepper.step(torch.tensor([8, 4]))) == [[9], [0, 11]]  # " " alone is no answer
+    assert _allowed(stepper.step(torch.tensor([8, 4]))) == [[9], [11]]  # " " alone is no answer; " b" of 'b"c' neither
     assert _allowed(stepper.step(torch.tensor([9, 0]))) == [[10], [0]]  # "1" of "19": no end mid-number
     assert _allowed(stepper.step(torch.tensor([10, 0]))) == [[0, 11], [0]]  # "19" may end before the quote
 
@@ -229,3 +232,35 @@ def test_a_typed_question_reads_a_sentence_of_its_type():
             for q in ["when did they land on the moon", "what about the moon"]}
     assert pick["when did they land on the moon"] == ["Apollo 11 landed on the moon in 1969.", ""]
     assert pick["what about the moon"] == ["The moon and the moon and the moon.", ""]
+
+
+DIGITS = {0: "</s>", 1: " area", 2: " 315", 3: ",", 4: "159", 5: " km", 6: "2", 7: " (", 8: "121", 9: ",", 10: "6",
+          11: "8", 12: "4", 13: " sq", 14: " mi", 15: ").", 16: "##s"}.get
+
+
+def test_no_answer_ends_inside_a_number_or_a_word_piece():
+    """Digits split one by one, thousands separators and sub-word pieces: the answer ends only where the passage's
+    word does (the NQ prediction '315,159 km2 (121,6' ended mid-number)."""
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # area 315,159 km2 (121,684 sq mi).
+    stepper = CopyStepper(_Uniform(20), spans=[[seq], [[1, 16, 7]]], eos=[0], text=DIGITS, questions=[None, None])
+    stepper.start()
+    ends = []
+    for t, u in zip([2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 16, 7] + [0] * 11, strict=True):
+        lp = stepper.step(torch.tensor([t, u]))
+        ends.append(bool(torch.isfinite(lp[0, 0])))
+        if u == 1:  # " area" before the piece "##s": the word goes on
+            assert not torch.isfinite(lp[1, 0])
+    # after: 315 , 159 | km 2 | ( 121 , 6 8 4 | sq | mi | ). -- never inside "315,159", "km2" or "121,684"
+    assert ends == [False, False, True, False, True, False, False, False, False, False, True, True, True, True]
+
+
+def test_a_truncated_passage_never_ends_mid_word(pipe):
+    gen = pipe.model.generator
+    if gen.is_seq2seq:
+        pytest.skip("seq2seq passages are not cut by truncate (the tokenizer truncates the joined input)")
+    text = "the capital of france is paris and the seine river 315,159 and tower " * 8
+    short = gen.with_config(max_context_length=13)
+    for n in range(5, 40):
+        cut = gen.with_config(max_context_length=n).truncate(text)
+        assert text.startswith(cut) and (len(cut) == len(text.rstrip()) or text[len(cut)] == " "), (n, cut[-12:])
+    assert len(short.truncate(text)) < len(text)

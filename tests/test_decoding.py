@@ -68,11 +68,14 @@ def test_fast_decoding_scores_only_from_own_beams(setup):
     fast = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
     thorough = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores),
                                      DecodingConfig(num_beams=2, max_new_tokens=NEW, num_return_sequences=3))
+    shared = 0
     for f, t in zip(fast, thorough, strict=True):
         t_scores = {h.tokens: h.score for h in t}
         for h in f:  # a lower bound on the thorough marginal: passages whose beams missed y count 0
             if h.tokens in t_scores:
+                shared += 1
                 assert h.score <= t_scores[h.tokens] + 1e-4
+    assert shared >= len(fast)  # both keep each question's best beams: the bound was checked, not skipped
 
 
 def test_min_new_tokens_and_length_limit(setup):
@@ -80,3 +83,17 @@ def test_min_new_tokens_and_length_limit(setup):
     cfg = DecodingConfig(num_beams=1, max_new_tokens=5, min_new_tokens=4)
     for h in decoding.rag_token(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg):
         assert 4 <= len(h[0].tokens) <= 5 and 2 not in h[0].tokens[:4]
+
+
+def test_rescoring_in_passes_equals_one_pass(setup, monkeypatch):
+    """RAG-sequence rescores its hypotheses a bounded number of rows at a time: the scores do not depend on it."""
+    gen, ids, mask, doc_scores = setup
+    cfg = DecodingConfig(num_beams=3, max_new_tokens=NEW, num_return_sequences=4)
+    monkeypatch.setattr(decoding, "RESCORE_ROWS", 10_000)
+    whole = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
+    monkeypatch.setattr(decoding, "RESCORE_ROWS", 1)
+    passes = decoding.rag_sequence(gen, Contexts(ids, mask), doc_logprobs(doc_scores), cfg)
+    assert [[h.tokens for h in hs] for hs in whole] == [[h.tokens for h in hs] for hs in passes]
+    assert all(len(hs) > 1 for hs in whole)  # several hypotheses were rescored
+    for a, b in zip(whole, passes, strict=True):
+        assert torch.allclose(torch.tensor([h.score for h in a]), torch.tensor([h.score for h in b]), atol=1e-5)
