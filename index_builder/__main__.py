@@ -27,7 +27,8 @@ config keys (YAML, only what differs from the defaults; --set takes the same dot
   encoder.name               hub name or local folder of BERT_d
   encoder.pooling            pooler (DPR) | cls | mean
   encoder.normalize          L2-normalise vectors (cosine = inner product)
-  encoder.max_length, encoder.batch_size, encoder.device (auto|cpu|cuda), encoder.dtype (float32|bfloat16|float16)
+  encoder.max_length, encoder.batch_size, encoder.device (auto|cpu|cuda)
+  encoder.precision          auto (bfloat16 where the CPU/GPU has it) | float32 | bfloat16 | float16 (GPU)
   encoder.title              pair (title [SEP] text, as DPR) | prefix ("title. text") | none
   index.type                 flat | hnsw | ivfpq
   index.vector_dtype         float32 | float16 (stored passage vectors)

@@ -33,13 +33,14 @@ from rag.index_folder import (
     write_json_atomic,
 )
 from rag.passages import ReadReport, iter_passages
+from rag.precision import name_of
 from rag.store import PassageStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
 # Settings that change how a build runs or how it is searched, not what it contains: a resume may change them.
 RUNTIME_KEYS = {
-    "encoder": {"batch_size", "batch_tokens", "device", "dtype"},
+    "encoder": {"batch_size", "batch_tokens", "device", "dtype", "precision"},
     "index": {"ef_search", "nprobe", "rerank", "use_gpu"},
 }
 
@@ -123,6 +124,9 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
     from rag.encoders import Encoder
 
     todo = [i for i in shards if not _shard_path(out, i).is_file()]
+    if len(todo) < len(shards):
+        log.info("resuming the build of %s: %d of %d shards already encoded", out, len(shards) - len(todo),
+                 len(shards))
     enc_cfg = cfg.encoder if device is None else type(cfg.encoder)(**{**asdict(cfg.encoder), "device": device})
     encoder = Encoder.from_config(enc_cfg)
     store = PassageStore(out / STORE_FILE)
@@ -137,7 +141,7 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
         with open(tmp, "wb") as f:
             np.save(f, vecs.astype(cfg.index.vector_dtype))
         os.replace(tmp, path)  # a shard exists only once it is whole
-    return encoder.fingerprint
+    return {"fingerprint": encoder.fingerprint, "precision": name_of(encoder.compute_dtype)}
 
 
 def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
@@ -184,12 +188,12 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
         mine = np.array_split(np.arange(n_shards), dist.num_processes)[dist.process_index].tolist()
         device = str(dist.device) if dist.num_processes > 1 and cfg.encoder.device == "auto" else None
         (out / SHARDS).mkdir(exist_ok=True)
-        fingerprint = _encode_shards(out, cfg, mine, count, device, progress and dist.is_local_main_process)
+        encoded = _encode_shards(out, cfg, mine, count, device, progress and dist.is_local_main_process)
         dist.wait_for_everyone()
         if dist.is_main_process:
             dim = np.load(_shard_path(out, 0), mmap_mode="r").shape[1]
             _merge_shards(out, cfg, count, dim)
-            state["stages"]["vectors"] = {"seconds": time.perf_counter() - t1, "fingerprint": fingerprint}
+            state["stages"]["vectors"] = {"seconds": time.perf_counter() - t1, **encoded}
             _save_state(out, state)
     if dist.is_main_process:
         _finish(out, cfg, state, progress)
@@ -215,6 +219,7 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         index={**asdict(cfg.index), "factory": factory_string(cfg.index),
                "mips_norm2": stages["index"].get("mips_norm2")},
         passages=asdict(cfg.passages), corpus=asdict(cfg.corpus), identity=state["identity"],
-        build={**stages["passages"]["report"], "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()}},
+        build={**stages["passages"]["report"], "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()},
+               "precision": stages["vectors"].get("precision", "float32")},
     )
     folder.write_first(manifest)

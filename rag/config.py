@@ -70,7 +70,9 @@ class EncoderConfig:
     # A batch holds at most this many tokens (rows x longest); about 2k keeps a CPU's activations in cache.
     batch_tokens: int = 2048
     device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # What matrix products compute in (rag/precision.py): auto = bfloat16 where the CPU or GPU has it, else float32.
+    # Vectors are stored as index.vector_dtype whatever it is, so an index is searchable from either precision.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How a passage title reaches the encoder: as the first segment of a pair (DPR), as a prefix, or not at all.
     title: Literal["pair", "prefix", "none"] = "pair"
     # Query encoder only: end each question with "?". NQ-open's questions have none; sentence encoders learnt on
@@ -188,8 +190,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys of earlier releases: renamed (new name) or dropped (None), so that their saved configs still load.
+LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_precision"): None}
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build the frozen dataclass `cls` from a (partial) dict; unknown keys are errors that name them."""
+    for (owner, old), new in LEGACY_KEYS.items():
+        if owner == cls.__name__ and old in data:
+            value = data[old]
+            data = {k: v for k, v in data.items() if k != old}
+            if new is not None and new not in data:
+                data[new] = value
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -261,6 +273,9 @@ class RagConfig:
     device: str = "auto"
     # Search the index on that GPU too (needs faiss-gpu, the `gpu` extra); HNSW always searches on the CPU.
     faiss_gpu: bool = False
+    # What BERT_q and the generator compute in, decoding, scoring and training alike (rag/precision.py): auto =
+    # bfloat16 where the CPU (AMX, AVX512-BF16) or GPU has it, else float32. The marginals stay float32.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -300,7 +315,6 @@ class TrainConfig:
     distant_loss: float = 0.0
     distant_docs: int = 50
     distant_scale: float = 20.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10

@@ -15,9 +15,6 @@ from rag.config import ConfigError, EncoderConfig
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_device(name: str | torch.device) -> torch.device:
     """The one device rule: auto is the (first) CUDA GPU when torch sees one, else the CPU."""
     if str(name) == "auto":
@@ -78,16 +75,19 @@ class Encoder(nn.Module):
             model = getattr(model, "question_encoder", None) or model.ctx_encoder
             model = getattr(model, "bert_model", model)
         enc = cls(model, tokenizer, cfg)
-        return enc.place(cfg.device, cfg.dtype)
+        return enc.place(cfg.device, cfg.precision)
 
-    def place(self, device: str = "auto", dtype: str = "float32") -> Encoder:
+    def place(self, device: str = "auto", precision: str = "auto") -> Encoder:
+        """Move to `device`, the weights in the dtype of `precision` (rag/precision.py)."""
+        from rag.precision import resolve_precision
+
         dev = resolve_device(device)
-        torch_dtype = _DTYPES[dtype]
-        if dev.type == "cpu" and torch_dtype is not torch.float32:
-            log.warning("encoder dtype %s is for GPUs; using float32 on the CPU", dtype)
-            torch_dtype = torch.float32
-        self.to(device=dev, dtype=torch_dtype)
+        self.to(device=dev, dtype=resolve_precision(precision, dev))
         return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def identity(self) -> dict:
         """The keys `rag.index_folder.check_encoder` compares with an index's encoder record."""
@@ -135,15 +135,16 @@ class Encoder(nn.Module):
         return ids, types
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """(B, T) token ids -> (B, D) pooled embeddings."""
+        """(B, T) token ids -> (B, D) pooled embeddings, float32 whatever the compute precision."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         if self.cfg.pooling == "pooler":
-            pooled = out.pooler_output
+            pooled = out.pooler_output.float()
         elif self.cfg.pooling == "cls":
-            pooled = out.last_hidden_state[:, 0]
+            pooled = out.last_hidden_state[:, 0].float()
         else:
-            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
-            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            hidden = out.last_hidden_state.float()  # (B, T, D): the mean is taken in float32
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         if self.cfg.normalize:
             pooled = nn.functional.normalize(pooled.float(), dim=-1)
         return pooled.float()

@@ -76,6 +76,18 @@ class Generator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def place(self, device: torch.device, precision: str = "auto") -> Generator:
+        """Move to `device`, the weights in the dtype of `precision` (rag/precision.py). Callers take logits to
+        float32 before any log-softmax."""
+        from rag.precision import resolve_precision
+
+        self.to(device=device, dtype=resolve_precision(precision, device))
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def with_config(self, **changes) -> Generator:
         """The same model and tokenizer under changed settings (e.g. a longer context), leaving this one as it is."""
         import copy
@@ -192,7 +204,8 @@ class Seq2SeqGenerator(Generator):
             start = torch.full((len(ctx.input_ids), 1), self.start_id, dtype=torch.long, device=self.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             self.model.get_decoder()(input_ids=start, encoder_hidden_states=self.encode(ctx),
-                                     encoder_attention_mask=ctx.attention_mask, past_key_values=cache, use_cache=True)
+                                     encoder_attention_mask=ctx.attention_mask, past_key_values=cache,
+                                     use_cache=True)
             self._keep_cross(ctx, cache)
         return EncoderDecoderCache(DynamicCache(), DynamicCache(ddp_cache_data=[(k[rows], v[rows])
                                                                                 for k, v in ctx.cross]))
@@ -296,8 +309,8 @@ class CausalGenerator(Generator):
 
     def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
         extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=cache is not None or None, **extra)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          past_key_values=cache, use_cache=cache is not None or None, **extra)
 
     def _prefix(self, ctx: Contexts) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Key/value cache and last-position logits of every prompt, computed once per context row and reused by

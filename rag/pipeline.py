@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rag.config import (
+    ConfigError,
     DecodingConfig,
     EncoderConfig,
     RagConfig,
@@ -31,7 +32,9 @@ from rag.index import DenseIndex
 from rag.index_folder import IndexFolder
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
+from rag.precision import name_of
 from rag.retriever import Retrieved, Retriever, check_questions
+from rag.weights import quiet_bars
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +96,8 @@ def load_rag_config(source: str | Path | RagConfig | None = None, overrides: tup
     folder = Path(source).expanduser() if source is not None else None
     if folder is not None and folder.is_dir():
         if not (folder / SAVED_CONFIG).is_file():
-            raise FileNotFoundError(f"{folder} has no {SAVED_CONFIG}; it was not written by "
-                                    "RagPipeline.save_pretrained or training")
+            raise ConfigError(f"{folder} has no {SAVED_CONFIG}: it is not a folder written by "
+                              "RagPipeline.save_pretrained or training; give a RAG config YAML or such a folder")
         return load_config(RagConfig, folder / SAVED_CONFIG, (
             f"query_encoder.name={folder / 'query_encoder'}", f"generator.name={folder / 'generator'}", *overrides))
     return load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
@@ -108,19 +111,23 @@ class RagPipeline:
         self.cfg = cfg
 
     @classmethod
-    def load(cls, source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = ()) -> RagPipeline:
+    def load(cls, source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = (),
+             trainable: bool = False) -> RagPipeline:
         """Load from a save_pretrained folder, a RAG config YAML, a `RagConfig`, or (None) the embedded default.
 
         The index folder must be built (`python -m index_builder build`; `rag ask` builds the demo's on first use).
-        BERT_q, the generator and the index go to `cfg.device`."""
+        BERT_q, the generator and the index go to `cfg.device`, the weights in the dtype of `cfg.precision`; with
+        `trainable` they stay float32 (a trainer applies the precision as mixed precision) and the config keeps
+        the precision to serve with."""
         cfg = load_rag_config(source, tuple(overrides))
+        weights = "float32" if trainable else cfg.precision
         device = resolve_device(cfg.device)
         folder = IndexFolder(cfg.index)
         index = DenseIndex.load(folder, **({"use_gpu": True} if cfg.faiss_gpu else {}))
         qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
-        encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device)))
+        encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device), precision=weights))
         folder.check_encoder(index.manifest, encoder.identity())
-        generator = load_generator(cfg.generator).to(device)
+        generator = load_generator(cfg.generator).place(device, weights)
         return cls(RagModel(Retriever(encoder, index), generator), dataclasses.replace(cfg, query_encoder=qcfg))
 
     @property
@@ -137,15 +144,20 @@ class RagPipeline:
         return {"query_encoder": self.model.retriever.encoder.cfg.name, "generator": self.cfg.generator.name,
                 "index": str(index.folder), "generation": index.generation, "passages": len(index),
                 "index_encoder": index.manifest["encoder"].get("name"), "device": str(self.device),
+                "precision": name_of(self.model.generator.compute_dtype),
                 "mode": self.cfg.mode, "n_docs": self.cfg.n_docs}
 
     def save_pretrained(self, folder: str | Path) -> None:
         """safetensors weights of BERT_q and the generator with their tokenizers, and the RagConfig (rag.yaml)."""
         folder = Path(folder).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        for name, part in self.parts().items():
-            part.model.save_pretrained(folder / name, safe_serialization=True)
-            part.tokenizer.save_pretrained(folder / name)
+        if self.model.generator.compute_dtype != torch.float32:
+            log.warning("saving %s weights: load with precision float32 (or trainable=True) to save full precision",
+                        name_of(self.model.generator.compute_dtype))
+        with quiet_bars():
+            for name, part in self.parts().items():
+                part.model.save_pretrained(folder / name, safe_serialization=True)
+                part.tokenizer.save_pretrained(folder / name)
         cfg = dataclasses.replace(self.cfg, index=str(self.model.retriever.index.folder.resolve()))
         save_config(cfg, folder / SAVED_CONFIG)
 

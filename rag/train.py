@@ -32,6 +32,17 @@ class TrainingError(RagError):
     pass
 
 
+class _TiedWeightsNote(logging.Filter):
+    """accelerate warns "Removed shared tensor ..." when it saves a model with tied input and output embeddings
+    (SmolLM2, GPT-2, BART): the tie is restored on load, so the warning only alarms."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
+
+
 class Progress:
     """The data position, saved with every checkpoint (accelerate's `register_for_checkpointing`)."""
 
@@ -83,7 +94,7 @@ def load_pipeline(cfg: TrainConfig):
 
     rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
     ensure_index(rag_cfg)
-    return RagPipeline.load(rag_cfg)
+    return RagPipeline.load(rag_cfg, trainable=True)  # float32 weights; the precision comes through accelerate
 
 
 def evaluate(pipe, examples) -> dict:
@@ -121,7 +132,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     from transformers import get_linear_schedule_with_warmup
 
     out = Path(cfg.output_dir).expanduser()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg),
                       gradient_accumulation_steps=cfg.grad_accum,
                       log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
     set_seed(cfg.seed)
@@ -209,6 +220,18 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         pipe.save_pretrained(out / "final")
     acc.end_training()
     return Trained(out / "final", pipe)
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    """accelerate's mixed precision from the RAG config's one precision knob (rag/precision.py)."""
+    from rag.encoders import resolve_device
+    from rag.pipeline import load_rag_config
+    from rag.precision import resolve_precision
+
+    rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
+    device = resolve_device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(rag_cfg.precision, device)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
 def _log(acc, out: Path, cfg: TrainConfig, values: dict, step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,7 +50,6 @@ def resolve(name: str) -> str:
 def _extract_split_zip(name: str) -> Path | None:
     """The cached folder of a model shipped as a split zip; joined and extracted on first use, None if not installed."""
     import importlib.metadata
-    import shutil
     import zipfile
 
     dists, part, inner = SPLIT_ZIP_PACKAGES[name]
@@ -85,13 +85,29 @@ def _extract_split_zip(name: str) -> Path | None:
 
 
 @contextmanager
+def quiet_bars():
+    """transformers' per-file "Loading weights" / "Writing model shards" bars off while the project loads or saves
+    its own models (a few files, each in a second: the bars are noise); the caller's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def loading(key: str, name: str):
     """Loading a model named by config key `key`: a missing folder, no network or a broken checkpoint is one
     ConfigError that says which and what to do."""
     from rag.config import ConfigError
 
     try:
-        yield
+        with quiet_bars():
+            yield
     except (OSError, ValueError) as e:
         hint = ""
         if name in GGUF_PACKAGES:
@@ -138,21 +154,25 @@ def load_causal_lm(name: str):
     package, gguf = GGUF_PACKAGES[name]
     cached = cache_dir() / "models" / name.replace("/", "--")
     if (cached / "config.json").is_file():
-        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(cached))
+        with loading("generator.name", str(cached)):
+            return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
+                    AutoTokenizer.from_pretrained(cached))
     spec = importlib.util.find_spec(package)  # located, not imported: the package's own imports are heavy
     if spec is None or not spec.submodule_search_locations:
         return None, None
     folder = next(iter(spec.submodule_search_locations))
     log.info("converting %s from %s/%s once (about 30 s); cached in %s", name, folder, gguf, cached)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    with loading("generator.name", name):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     # The weights are plain fp32 after dequantising; detach the GGUF quantizer so that save_pretrained accepts them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = cached.with_name(cached.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed half-way
+    with quiet_bars():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     tmp.rename(cached)
     return model, tokenizer

@@ -160,6 +160,8 @@ def tiny_index(tmp_path_factory, tiny_bert):
 def rag_config(index, tiny_bert, lm, **kw):
     from rag.config import DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig
 
+    # float32 unless a test asks: tiny random models have narrow margins, and bfloat16 has its own tests
+    kw.setdefault("precision", "float32")
     return RagConfig(index=str(index), query_encoder=EncoderConfig(name=str(tiny_bert), max_length=16),
                      generator=GeneratorConfig(name=str(lm), max_target_length=8),
                      decoding=DecodingConfig(max_new_tokens=6), n_docs=3, **kw)

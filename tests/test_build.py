@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ class Killed(BaseException):
     """Stands for a kill signal: not an Exception, so nothing in the build can swallow it."""
 
 
-def test_killed_build_resumes_only_unfinished_shards(tmp_path, tiny_bert, monkeypatch):
+def test_killed_build_resumes_only_unfinished_shards(tmp_path, tiny_bert, monkeypatch, caplog):
     cfg = config(tmp_path, tiny_bert)
     calls, kill = [], [True]
     real = Encoder.encode
@@ -53,7 +54,9 @@ def test_killed_build_resumes_only_unfinished_shards(tmp_path, tiny_bert, monkey
         DenseIndex.load(out)
 
     calls.clear()
-    build(cfg, progress=False)
+    with caplog.at_level(logging.INFO, logger="index_builder"):
+        build(cfg, progress=False)
+    assert "resuming the build" in caplog.text and "2 of" in caplog.text  # the user is told
     n_shards = -(-len(DenseIndex.load(out)) // 50)
     assert len(calls) == n_shards - 2  # the two finished shards were kept
     resumed = np.asarray(DenseIndex.load(out).vectors)
@@ -155,3 +158,12 @@ def test_real_minilm_ranks_the_right_passage_first(tmp_path):
     q = encoder.encode(list(questions))
     hits = index.search(q, 1)
     assert [index.passages(row)[0].doc_id for row in hits.ids] == list(questions.values())
+
+
+def test_the_demo_build_resumes_in_small_steps():
+    """The demo corpus (12,380 passages) is encoded in shards of at most 1,000: Ctrl-C during the first build loses
+    at most one shard's work, and a rerun (rag ask again) finishes from there."""
+    from rag.config import load_config, resolve_config_path
+
+    cfg = load_config(BuildConfig, resolve_config_path("configs/index/demo.yaml"))
+    assert cfg.index.shard_size <= 1000

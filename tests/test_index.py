@@ -166,3 +166,31 @@ def test_loaded_index_is_memory_mapped(built):
     index = DenseIndex.load(built["flat"])
     assert isinstance(index.vectors, np.memmap)
     assert isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+
+
+@pytest.mark.parametrize("where, name", [("files", "../victim.faiss"), ("files", "/etc/shadow"),
+                                         ("segments", "../../important.arrow"), ("index_file", "sub/index.faiss")])
+def test_a_crafted_manifest_cannot_reach_outside_its_folder(built, tmp_path, where, name):
+    """Every name in a manifest must be a plain file of the folder: load, verify, update and compact refuse."""
+    import shutil
+
+    from index_builder.update import compact, update
+
+    folder = tmp_path / "crafted"
+    shutil.copytree(built["flat"], folder)
+    victim = tmp_path / "victim.faiss"
+    victim.write_bytes(b"precious")
+    m = json.loads((folder / MANIFEST).read_text())
+    if where == "files":
+        m["files"][name] = {"bytes": 8, "sha256": "0" * 64}
+    elif where == "segments":
+        m["segments"] = [{"store": name, "vectors": "vectors.npy", "rows": m["count"]}]
+    else:
+        m[where] = name
+    (folder / MANIFEST).write_text(json.dumps(m))
+    (tmp_path / "gone.txt").write_text("paris\n")
+    for attempt in (lambda: DenseIndex.load(folder, verify=True), lambda: compact(folder, progress=False),
+                    lambda: update(folder, delete=str(tmp_path / "gone.txt"), progress=False)):
+        with pytest.raises(IndexFolderError, match=f"entry '{name}' is not a plain file name"):
+            attempt()
+    assert victim.read_bytes() == b"precious"

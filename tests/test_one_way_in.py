@@ -243,3 +243,15 @@ def test_layers_import_one_way():
     for path in callers:
         text = path.read_text(encoding="utf-8")
         assert ".model.retriever" not in text and ".model.generator" not in text, path.name
+
+
+def test_loading_and_saving_print_no_library_bars(tiny_index, tiny_bert, tiny_lms, tmp_path, capfd):
+    """The Python API is as quiet as the CLI: no per-file "Loading weights" / "Writing model shards" bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as a fresh Python session has it (the in-process CLI tests turn it off)
+    pipe = RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
+    pipe.save_pretrained(tmp_path / "saved")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting is left as it was

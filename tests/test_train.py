@@ -30,7 +30,7 @@ def setup(tmp_path_factory, tiny_bert, tiny_lms):
     rag = root / "rag.yaml"
     rag.write_text(f"index: {root / 'index'}\nquery_encoder:\n  name: {tiny_bert}\n  max_length: 32\n"
                    f"generator:\n  name: {tiny_lms['llama']}\n  max_target_length: 6\n"
-                   "decoding:\n  max_new_tokens: 4\nn_docs: 3\n")
+                   "decoding:\n  max_new_tokens: 4\nn_docs: 3\nprecision: float32\n")
     qa = write_jsonl(root / "qa.jsonl", [
         {"question": "capital of france", "answer": ["paris"]},
         {"question": "capital of england", "answer": ["london"]},
