@@ -1,7 +1,8 @@
-"""Latency and memory of the embedded default: a cold `rag ask` (process start to printed answer) and warm
-`answer()` calls, index already built.
+"""Latency and memory of the embedded default in each precision, side by side in one run: a cold `rag ask` (process
+start to printed answer), the RAG-sequence k=10 beam-4 peak, load, warm `answer()` and `answer_batch` at batch 8.
+The index must be built (`rag ask` once).
 
-    python benchmarks/bench_answer.py [--questions 10]
+    python -m benchmarks.bench_answer [--questions 10] [--precisions float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import resource
 import statistics
 import time
 
-from benchmarks.common import machine, matmul_gflops, rss_mib, run_module, table
+from benchmarks.common import machine, matmul_gflops, run_module, table
 
 QUESTIONS = [
     "Who wrote Pride and Prejudice?", "What is the capital of France?", "Who painted the Mona Lisa?",
@@ -23,49 +24,77 @@ QUESTIONS = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", type=int, default=10)
-    ap.add_argument("--config", default="configs/rag/demo.yaml")
-    args = ap.parse_args()
-    rate = matmul_gflops()
-
-    cold_s, cold_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", args.config, "--json"])
-    cold_answer = json.loads(out)["text"]
-    # RAG-sequence with beams per passage: k x beams hypotheses rescored under k passages (README, "Ask")
-    seq_s, seq_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", args.config, "--json", "--mode",
-                                              "sequence", "--beams", "4", "--n-docs", "10"])
-    seq_answer = json.loads(out)["text"]
-
+def measure(config: str, precision: str, n: int) -> dict:
     from rag.pipeline import RagPipeline
 
+    knob = ["--set", f"precision={precision}"]
+    cold_s, cold_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", config, "--json", *knob])
+    cold_answer = json.loads(out)["text"]
+    # RAG-sequence with beams per passage: k x beams hypotheses rescored under k passages (README, "Ask")
+    seq_s, seq_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", config, "--json", "--mode", "sequence",
+                                              "--beams", "4", "--n-docs", "10", *knob])
     t = time.perf_counter()
-    pipe = RagPipeline.load(args.config)
+    pipe = RagPipeline.load(config, (f"precision={precision}",))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     pipe.answer(QUESTIONS[0])
     first_s = time.perf_counter() - t
     times, answers = [], []
-    for q in QUESTIONS[1 : args.questions + 1]:
+    for q in QUESTIONS[1 : n + 1]:
         t = time.perf_counter()
-        answers.append((q, pipe.answer(q).text))
+        answers.append(pipe.answer(q).text)
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"machine: {machine()}; fp32 matmul {rate:.1f} GFLOP/s; config {args.config}")
-    print(table([
-        {"what": "cold `rag ask` (process start to printed answer)", "seconds": cold_s, "peak MiB": cold_peak,
-         "limit": "<= 30 s, <= 2560 MiB"},
-        {"what": "cold `rag ask --mode sequence --beams 4 --n-docs 10`", "seconds": seq_s, "peak MiB": seq_peak,
-         "limit": "<= 2560 MiB"},
-        {"what": "RagPipeline.load (models + index)", "seconds": load_s, "peak MiB": rss_mib(), "limit": ""},
-        {"what": "first answer() in the process", "seconds": first_s, "peak MiB": peak, "limit": ""},
-        {"what": f"warm answer(), median of {len(times)}", "seconds": statistics.median(times), "peak MiB": peak,
-         "limit": "<= 4 s"},
-        {"what": "warm answer(), max", "seconds": max(times), "peak MiB": peak, "limit": ""},
-    ]))
-    print(f"\ncold answer: {cold_answer!r}; RAG-sequence, 4 beams, k=10: {seq_answer!r}")
-    for q, a in answers:
-        print(f"- {q} -> {a}")
+    t = time.perf_counter()
+    batch = pipe.answer_batch(QUESTIONS[:8], batch_size=8)
+    batch_s = time.perf_counter() - t
+    return {"precision": pipe.info()["precision"], "cold": cold_s, "cold peak": cold_peak, "seq": seq_s,
+            "seq peak": seq_peak, "load": load_s, "first": first_s, "warm": statistics.median(times),
+            "warm max": max(times), "batch": 8 / batch_s, "answers": [cold_answer, *answers],
+            "batch answers": [a.text for a in batch], "seq answer": json.loads(out)["text"]}
+
+
+ROWS = [
+    ("cold", "cold `rag ask` (process start to printed answer), s"),
+    ("cold peak", "cold `rag ask` peak MiB"),
+    ("seq", "cold `rag ask --mode sequence --beams 4 --n-docs 10`, s"),
+    ("seq peak", "that one's peak MiB (<= 2,560)"),
+    ("load", "RagPipeline.load (models + index), s"),
+    ("first", "first answer() in the process, s"),
+    ("warm", "warm answer(), median, s"),
+    ("warm max", "warm answer(), max, s"),
+    ("batch", "answer_batch at batch 8, questions/s"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=10)
+    ap.add_argument("--config", default="configs/rag/demo.yaml")
+    ap.add_argument("--precisions", default="float32,bfloat16", help="comma-separated; the first is the baseline")
+    args = ap.parse_args()
+    rate = matmul_gflops()
+    names = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    got = {name: measure(args.config, name, args.questions) for name in names}
+    base = got[names[0]]
+    rows = []
+    for key, what in ROWS:
+        row = {"what": what}
+        for name in names:
+            row[got[name]["precision"]] = got[name][key]
+        for name in names[1:]:  # > 1 is better for every row: time and memory inverted, throughput as is
+            ratio = got[name][key] / base[key] if key == "batch" else base[key] / got[name][key]
+            row[f"{got[name]['precision']} gain"] = ratio
+        rows.append(row)
+    print(f"machine: {machine()}; fp32 matmul {rate:.1f} GFLOP/s; config {args.config}; peak RSS of this process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(table(rows))
+    for name in names:
+        g = got[name]
+        print(f"\n{g['precision']}: {g['answers']}\n  batch of 8: {g['batch answers']}\n  RAG-sequence k=10: "
+              f"{g['seq answer']!r}")
+    if len(names) > 1:
+        same = sum(a == b for a, b in zip(base["answers"], got[names[1]]["answers"], strict=True))
+        print(f"\nthe same answer in {same} of {len(base['answers'])} questions")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 import time
 
+import numpy as np
+
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     """fp32 GFLOP/s of a square torch matmul on this machine (the scale every benchmark is read against)."""
@@ -40,17 +42,19 @@ def machine() -> str:
 
 
 def run_module(module: str, args: list[str]) -> tuple[float, float, str]:
-    """`python -m module args` in a fresh process: its wall seconds, its own peak resident memory (MiB, read by the
-    child itself as it exits) and its stdout."""
+    """`python -m module args` in a fresh process: its wall seconds, its own peak resident memory (MiB, the child's
+    VmHWM as it exits: getrusage's ru_maxrss would include the RSS of the parent it was forked from) and its
+    stdout."""
     import subprocess
     import sys
 
-    code = ("import resource, runpy, sys\n"
+    code = ("import runpy, sys\n"
             f"sys.argv = [{module!r}, *{args!r}]\n"
             "try:\n"
             f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
             "finally:\n"
-            "    print(f'PEAK_KIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n")
+            "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+            "    print(f'PEAK_KIB {hwm}', file=sys.stderr)\n")
     t = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -58,3 +62,18 @@ def run_module(module: str, args: list[str]) -> tuple[float, float, str]:
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed: {run.stderr[-2000:]}")
     peak = next(int(line.split()[1]) for line in run.stderr.splitlines() if line.startswith("PEAK_KIB "))
     return seconds, peak / 1024, run.stdout
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def table(rows: list[dict], floatfmt: str = "{:.3g}") -> str:
+    """A markdown table from a list of dicts with the same keys."""
+    keys = list(rows[0])
+    fmt = lambda v: floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -255,3 +255,12 @@ def test_loading_and_saving_print_no_library_bars(tiny_index, tiny_bert, tiny_lm
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting is left as it was
+
+
+def test_every_benchmark_imports():
+    """The benchmarks are not run by the tests (they time things), but they must not rot: each one imports."""
+    import importlib
+
+    for path in sorted((REPO / "benchmarks").glob("bench_*.py")):
+        module = importlib.import_module(f"benchmarks.{path.stem}")
+        assert callable(getattr(module, "main", None)), path.name
