@@ -219,6 +219,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     if acc.is_main_process:
         pipe.save_pretrained(out / "final")
     acc.end_training()
+    pipe.model.eval()  # the returned pipeline answers like the saved one: no dropout in BERT_q
     return Trained(out / "final", pipe)
 
 

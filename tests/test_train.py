@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,7 +75,10 @@ def test_query_encoder_learns_and_nothing_else_moves(setup, tmp_path):
     again = RagPipeline.load(done.final)  # the saved model loads into answer()
     assert (again.cfg.mode, again.cfg.n_docs) == ("sequence", 3)  # served as it was trained (rag_set)
     assert digest(again.model.retriever.encoder) == digest(model.retriever.encoder)
-    assert isinstance(again.answer("capital of france").text, str)
+    q = "capital of france"
+    a, b = again.answer(q, mode="token"), done.pipeline.answer(q, mode="token")  # the saved model is the trained one
+    assert (a.text, a.tokens, [p.id for p in a.passages]) == (b.text, b.tokens, [p.id for p in b.passages])
+    assert np.allclose([p.posterior for p in a.passages], [p.posterior for p in b.passages], atol=1e-4)
 
 
 def test_gradient_reaches_bert_q_through_doc_scores(setup):
