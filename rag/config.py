@@ -194,6 +194,49 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_precision"): None}
 
 
+# Allowed ranges of numeric settings (inclusive lower, inclusive upper; None: unbounded). A value outside is an error
+# that names the key and the range, never a silent fallback ("n_docs: 0" once meant 5).
+RANGES = {
+    "EncoderConfig": {"max_length": (1, None), "batch_size": (1, None), "batch_tokens": (1, None)},
+    "PassageConfig": {"words": (1, None), "stride": (1, None)},
+    "IndexConfig": {"hnsw_m": (2, None), "ef_construction": (1, None), "ef_search": (1, None), "nlist": (1, None),
+                    "pq_m": (1, None), "nbits": (1, 16), "nprobe": (1, None), "train_size": (1, None),
+                    "rerank": (0, None), "shard_size": (1, None)},
+    "GeneratorConfig": {"max_context_length": (1, None), "max_target_length": (2, None)},
+    "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
+                       "length_penalty": (-100, 100), "num_return_sequences": (1, None),
+                       "max_answer_words": (0, None), "copy_sentences": (0, None)},
+    "RagConfig": {"n_docs": (1, None)},
+    "DataConfig": {"dev_limit": (0, None)},
+    "TrainConfig": {"lr_query_encoder": (0, 1), "lr_generator": (0, 1), "weight_decay": (0, None),
+                    "warmup_steps": (0, None), "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
+                    "max_grad_norm": (0, None), "label_smoothing": (0, 0.999), "rag_loss": (0, None),
+                    "distant_loss": (0, None), "distant_docs": (1, None), "distant_scale": (1e-6, None),
+                    "log_every": (1, None), "checkpoint_every": (1, None), "keep_checkpoints": (1, None),
+                    "eval_every": (1, None)},
+}
+
+
+def _check_ranges(cls: type, values: dict, where: str) -> None:
+    import math
+
+    for key, (low, high) in RANGES.get(cls.__name__, {}).items():
+        if key not in values or values[key] is None:
+            continue
+        v = values[key]
+        if isinstance(v, float) and not math.isfinite(v) or (low is not None and v < low) or \
+                (high is not None and v > high):
+            span = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{where}.{key}: {v!r} is out of range; it must be {span}")
+    if cls.__name__ == "DecodingConfig":
+        beams, back = values.get("num_beams", 1), values.get("num_return_sequences", 1)
+        if back > beams:
+            raise ConfigError(f"{where}.num_return_sequences: {back} is more than num_beams ({beams}); raise "
+                              "num_beams or return fewer")
+        if values.get("min_new_tokens", 0) > values.get("max_new_tokens", 20):
+            raise ConfigError(f"{where}.min_new_tokens: more than max_new_tokens")
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build the frozen dataclass `cls` from a (partial) dict; unknown keys are errors that name them."""
     for (owner, old), new in LEGACY_KEYS.items():
@@ -208,6 +251,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    _check_ranges(cls, {**dataclasses.asdict(cls()), **kwargs}, where)  # the defaults take part in cross-checks
     return cls(**kwargs)
 
 

@@ -167,3 +167,34 @@ def test_the_demo_build_resumes_in_small_steps():
 
     cfg = load_config(BuildConfig, resolve_config_path("configs/index/demo.yaml"))
     assert cfg.index.shard_size <= 1000
+
+
+def test_ctrl_c_during_a_build_then_a_rerun_finishes_from_there(tmp_path, tiny_bert):
+    """A real SIGINT to `python -m index_builder build` once two shards are on disk: the folder is left resumable,
+    and the same command run again encodes only the shards that were missing and says so."""
+    import signal
+    import time
+
+    write_jsonl(tmp_path / "corpus.jsonl", long_docs(150))
+    argv = [sys.executable, "-m", "index_builder", "build", "--quiet", "--set", f"output={tmp_path / 'index'}",
+            "--set", f"corpus.path={tmp_path / 'corpus.jsonl'}", "--set", f"encoder.name={tiny_bert}",
+            "--set", "passages.words=40", "--set", "passages.stride=30", "--set", "index.shard_size=100",
+            "--set", "encoder.precision=float32"]
+    slow = ["--set", "encoder.batch_size=1"]  # slow enough to stop mid-way; a runtime setting, free to change
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv + slow, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shards = tmp_path / "index" / "shards"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if shards.is_dir() and len(list(shards.glob("*.npy"))) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]  # "interrupted", exit 130
+    kept = sorted(p.name for p in shards.glob("*.npy"))
+    assert len(kept) >= 2 and not list(shards.glob("*.tmp"))  # whole shards only
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(kept)} of" in again.stderr and "shards already encoded" in again.stderr
+    assert (tmp_path / "index" / "manifest.json").is_file()

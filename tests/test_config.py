@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from rag.config import BuildConfig, ConfigError, load_config, save_config
@@ -41,3 +43,31 @@ def test_missing_and_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(BuildConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n_docs=0", "n_docs: 0 is out of range; it must be >= 1"),
+    ("decoding.num_beams=0", "num_beams: 0 is out of range"),
+    ("decoding.max_answer_words=-1", "max_answer_words: -1 is out of range"),
+    ("decoding.length_penalty=.nan", "length_penalty: nan is out of range"),
+    ("decoding.copy_sentences=-1", "copy_sentences"),
+    ("decoding.num_return_sequences=3", "more than num_beams"),
+    ("generator.max_target_length=1", "max_target_length"),
+])
+def test_numeric_settings_are_checked_where_configs_are_parsed(override, message):
+    """A value out of range is an error naming the key and the range, never a silent fallback."""
+    from rag.config import ConfigError, RagConfig, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(RagConfig, None, [override])
+
+
+def test_out_of_range_settings_of_the_other_stages():
+    from rag.config import BuildConfig, ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="shard_size: 0"):
+        load_config(BuildConfig, None, ["index.shard_size=0"])
+    with pytest.raises(ConfigError, match="batch_size: 0"):
+        load_config(TrainConfig, None, ["batch_size=0"])
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_config(TrainConfig, None, ["label_smoothing=1.5"])
