@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from rag.errors import RagError
 from rag.metrics import has_answer, in_normalised, normalize_answer, recall_at_k, score_answer
 
 log = logging.getLogger(__name__)
@@ -159,10 +160,36 @@ def markdown(summary: dict, modes: list[str], n_docs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+class RunMismatch(RagError):
+    """An output folder that holds predictions of another evaluation."""
+
+
+def _check_run(out: Path, pipe, examples, n_docs: int, decoding: dict) -> None:
+    """Resume only the same evaluation: the same questions and answers, RAG config, k and decoding. The first run
+    writes OUT/run.json; a later one with other settings is refused, naming what differs."""
+    import hashlib
+
+    from rag.config import to_dict
+
+    data = hashlib.sha256(json.dumps([(e.question, list(e.answers)) for e in examples]).encode()).hexdigest()[:16]
+    run = {"questions": len(examples), "data": data, "n_docs": n_docs, "decoding": decoding,
+           "config": json.loads(json.dumps(to_dict(pipe.cfg), default=str))}
+    path = out / "run.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in run if saved.get(k) != run[k]]
+        if diff:
+            raise RunMismatch(f"{out} holds predictions of another evaluation ({', '.join(diff)} differ, see "
+                              f"{path}); use another --out, or delete it to start over")
+    else:
+        path.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+
+
 def evaluate(pipe, examples, modes: list[str], out: Path, n_docs: int | None = None, batch_size: int = 8,
              decoding: dict | None = None, progress: bool = True) -> dict:
     n_docs = n_docs or pipe.cfg.n_docs
     out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, pipe, examples, n_docs, decoding or {})
     flags = answerable(examples, pipe)
     summary = {}
     for mode in modes:

@@ -107,6 +107,9 @@ class GeneratorConfig:
     # seq2seq: tokens of the whole "title / text // question" input; causal: tokens of the passage text.
     max_context_length: int = 300
     max_target_length: int = 40
+    # Tokens of the question that reach the generator (a longer one is cut, with one warning): a 10,000-word
+    # question once went whole into every prompt (300 s and 7 GB before it was stopped).
+    max_question_length: int = 64
     chat_template: bool = True
     system_prompt: str = "Answer the question from the passage with a short phrase."
     prompt_template: str = "{title}: {text}\n\nQuestion: {question}"
@@ -202,7 +205,8 @@ RANGES = {
     "IndexConfig": {"hnsw_m": (2, None), "ef_construction": (1, None), "ef_search": (1, None), "nlist": (1, None),
                     "pq_m": (1, None), "nbits": (1, 16), "nprobe": (1, None), "train_size": (1, None),
                     "rerank": (0, None), "shard_size": (1, None)},
-    "GeneratorConfig": {"max_context_length": (1, None), "max_target_length": (2, None)},
+    "GeneratorConfig": {"max_context_length": (1, None), "max_target_length": (2, None),
+                        "max_question_length": (1, None)},
     "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
                        "length_penalty": (-100, 100), "num_return_sequences": (1, None),
                        "max_answer_words": (0, None), "copy_sentences": (0, None)},

@@ -134,6 +134,27 @@ class Generator(nn.Module):
         """The passage text as the model reads it (seq2seq: whole; its tokenizer truncates the joined input)."""
         return text
 
+    def cut(self, text: str, limit: int) -> str:
+        """`text` up to its `limit`-th token, cut in the original string (no re-spelling) at the white space before
+        that token's word, so that nothing (nor an answer copied from it) ends mid-word."""
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= limit:
+            return text
+        end = offsets[limit - 1][1]
+        if end < len(text) and not text[end].isspace():  # the token limit falls inside a word
+            space = max(text.rfind(" ", 0, end), text.rfind("\n", 0, end))
+            end = space if space > 0 else end
+        return text[:end].rstrip()
+
+    def clip_questions(self, questions: list[str]) -> list[str]:
+        """Questions as the generator reads them: at most `max_question_length` tokens (one warning)."""
+        out = [self.cut(q, self.cfg.max_question_length) for q in questions]
+        if out != list(questions) and not self.__dict__.get("_warned_long"):
+            log.warning("a question longer than generator.max_question_length=%d tokens was cut for the generator",
+                        self.cfg.max_question_length)
+            self.__dict__["_warned_long"] = True
+        return out
+
     def token_text(self, token: int) -> str:
         """One token's text (cached: copying asks for the same few hundred tokens again and again)."""
         cache = self.__dict__.setdefault("_token_texts", {})
@@ -171,6 +192,7 @@ class Seq2SeqGenerator(Generator):
                 for q, ps in zip(questions, passages, strict=True) for p in ps]  # None: the question alone
 
     def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
+        questions = self.clip_questions(questions)
         enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
                              truncation=True, padding=True, return_tensors="pt").to(self.device)
         return Contexts(enc["input_ids"], enc["attention_mask"], [p for ps in passages for p in ps], list(questions))
@@ -271,16 +293,8 @@ class CausalGenerator(Generator):
             log.warning("tokenizer of %s has no chat template; using the plain prompt template", cfg.name)
 
     def truncate(self, text: str) -> str:
-        """The text up to its `max_context_length`-th token, cut in the original string (no re-spelling) at the
-        white space before that token's word, so that no passage (nor an answer copied from it) ends mid-word."""
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) <= self.cfg.max_context_length:
-            return text
-        cut = offsets[self.cfg.max_context_length - 1][1]
-        if cut < len(text) and not text[cut].isspace():  # the token limit falls inside a word
-            space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-            cut = space if space > 0 else cut
-        return text[:cut].rstrip()
+        """The passage text up to `max_context_length` tokens, ending where a word ends (see `cut`)."""
+        return self.cut(text, self.cfg.max_context_length)
 
     def prompt(self, question: str, passage: Passage | None) -> str:
         if passage is None:
@@ -296,6 +310,7 @@ class CausalGenerator(Generator):
             self.cfg.answer_prefix
 
     def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
+        questions = self.clip_questions(questions)
         texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         ids = [self.tokenizer(t, add_special_tokens=not self.use_chat)["input_ids"] for t in texts]
         width = max(len(x) for x in ids)

@@ -130,3 +130,17 @@ def test_given_passages_replace_retrieval(pipe):
     assert [x.id for x in given.passages] == [p.id, p.id] and given.passages[0].prior == pytest.approx(0.5)
     with pytest.raises(ValueError, match="passage lists"):
         pipe.answer_batch(["a", "b"], passages=[[p]])
+
+
+def test_a_rerun_with_other_data_or_settings_is_refused(tmp_path, pipe):
+    """Resuming scores only what was asked of the same evaluation: other questions, k or decoding are refused,
+    naming what differs (a rerun with another --data once reported "24 of 24 already done")."""
+    examples = read_qa(write_jsonl(tmp_path / "qa.jsonl", QUESTIONS))
+    qa.evaluate(pipe, examples[:2], ["retrieval"], tmp_path / "out", progress=False)
+    with pytest.raises(qa.RunMismatch, match="data differ"):
+        qa.evaluate(pipe, examples[1:3], ["retrieval"], tmp_path / "out", progress=False)
+    with pytest.raises(qa.RunMismatch, match="n_docs differ"):
+        qa.evaluate(pipe, examples[:2], ["retrieval"], tmp_path / "out", n_docs=2, progress=False)
+    with pytest.raises(qa.RunMismatch, match="decoding differ"):
+        qa.evaluate(pipe, examples[:2], ["retrieval"], tmp_path / "out", decoding={"num_beams": 2}, progress=False)
+    qa.evaluate(pipe, examples[:2], ["retrieval", "token"], tmp_path / "out", progress=False)  # same run, more modes

@@ -72,3 +72,22 @@ def test_target_mask_keeps_the_final_eos(gen):
     n = [len(gen.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in ("paris is the capital", "paris")]
     assert mask.sum(1).tolist() == n
     assert [ids[i, n[i] - 1].item() for i in range(2)] == [gen.eos_id] * 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_a_huge_question_reaches_the_generator_bounded(tiny_lms, kind, caplog):
+    """A 5,000-word question is cut to generator.max_question_length tokens, with one warning: the prompt stays
+    small whatever the question (a 10,000-word one once took 7 GB)."""
+    import logging
+
+    from rag.config import GeneratorConfig
+    from rag.generator import load_generator
+    from rag.passages import Passage
+
+    gen = load_generator(GeneratorConfig(name=str(tiny_lms[kind]), max_context_length=20, max_question_length=12))
+    passage = Passage(id="p", doc_id="p", title="paris", text="paris is the capital of france " * 10)
+    short = gen.prepare(["capital of france"], [[passage]]).input_ids.shape[1]
+    with caplog.at_level(logging.WARNING):
+        huge = gen.prepare(["the capital of france and the seine river " * 625], [[passage]])
+    assert huge.input_ids.shape[1] <= short + 12 and "max_question_length=12" in caplog.text
+    assert huge.questions[0] and "the capital of france".startswith(huge.questions[0][:21])
