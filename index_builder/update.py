@@ -103,6 +103,8 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
     with where.lock():
         current = DenseIndex.load(where)  # reads the manifest and checks the files against it
         manifest = current.manifest
+        if swept := where.sweep(manifest):
+            log.info("%s: removed %s, left by an earlier update that was stopped", folder, ", ".join(swept))
         files = where.layout(manifest)
         gen = files["generation"] + 1
         report = UpdateReport(generation=gen)
@@ -192,6 +194,7 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
     with where.lock():
         current = DenseIndex.load(where)
         manifest = current.manifest
+        where.sweep(manifest)
         gen = where.layout(manifest)["generation"] + 1
         keep = np.setdiff1d(np.arange(current.index.ntotal), current.deleted)
         store_name, vec_name, index_name = (where.generation_name(n, gen) for n in (STORE_FILE, VECTORS_FILE,

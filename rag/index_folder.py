@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -239,6 +240,19 @@ class IndexFolder:
         write_json_atomic(self.manifest_path, new)
         for name in set(old["files"]) - set(new["files"]):
             self.file(name).unlink(missing_ok=True)
+
+    def sweep(self, manifest: dict) -> list[str]:
+        """Remove what a writer killed mid-way left behind: files of an earlier generation that the current
+        manifest no longer names (a kill between `switch`'s rename and its unlinks) and half-written `*.tmp`
+        files. Called by writers under the lock; returns the names removed."""
+        keep = set(manifest["files"])
+        pattern = re.compile(r"^(passages|vectors|index|deleted)(\.g\d{4})?\.(arrow|npy|faiss)(\.tmp)?$")
+        gone = []
+        for path in self.path.iterdir():
+            if path.is_file() and pattern.match(path.name) and path.name not in keep:
+                path.unlink(missing_ok=True)
+                gone.append(path.name)
+        return sorted(gone)
 
     @contextmanager
     def lock(self):

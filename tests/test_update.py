@@ -140,3 +140,32 @@ def test_cli_update_compact_verify(tmp_path, tiny_bert, capsys):
     assert "generation 1: +2 documents" in out and "1 deleted" in out and "ghost" in out
     assert cli(["compact", str(base)]) == 0 and cli(["verify", str(base)]) == 0
     assert cli(["update", "--index", str(base)]) == 2
+
+
+def test_files_left_by_a_kill_after_the_switch_are_swept(tmp_path, tiny_bert, monkeypatch, caplog):
+    """Killed between the manifest's rename and the unlinks, an update leaves the old generation's files; the next
+    writer removes them (and half-written *.tmp files), never a file the manifest names or one not of the format."""
+    import logging
+
+    from rag.index_folder import IndexFolder
+
+    base = make(tmp_path, tiny_bert, long_docs(10), "base")
+    write_jsonl(tmp_path / "add.jsonl", long_docs(12)[10:])
+    monkeypatch.setattr(IndexFolder, "switch", lambda self, old, new: rag_write(self, new))  # rename, then killed
+    update(base, add=str(tmp_path / "add.jsonl"), progress=False)
+    monkeypatch.undo()
+    assert (base / "index.faiss").is_file()  # generation 0's index, no longer named by the manifest
+    (base / "vectors.g0002.npy.tmp").write_bytes(b"half")
+    (base / "notes.txt").write_text("mine")
+    (tmp_path / "gone.txt").write_text("doc0\n")
+    with caplog.at_level(logging.INFO, logger="index_builder"):
+        update(base, delete=str(tmp_path / "gone.txt"), progress=False)
+    assert "index.faiss" in caplog.text and not (base / "index.faiss").exists()
+    assert not (base / "vectors.g0002.npy.tmp").exists() and (base / "notes.txt").read_text() == "mine"
+    DenseIndex.load(base, verify=True)
+
+
+def rag_write(folder, manifest):
+    from rag.index_folder import write_json_atomic
+
+    write_json_atomic(folder.manifest_path, manifest)
