@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         adds = _read_docs(add, fmt, on_error, report)
         replaces = _read_docs(replace, fmt, on_error, report)
         deletes = _read_ids(delete)
+        repeated = sorted(i for i, n in Counter(d.id for d in adds + replaces).items() if n > 1)
+        if repeated:
+            raise UpdateError(f"{add or replace}: document id(s) given twice in this update: "
+                              f"{', '.join(repeated[:10])}; give each document once")
         clash = [d.id for d in adds if d.id in known]
         if clash:
             raise UpdateError(f"{add}: document(s) already in the index: {', '.join(clash[:10])}; "

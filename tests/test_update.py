@@ -169,3 +169,23 @@ def rag_write(folder, manifest):
     from rag.index_folder import write_json_atomic
 
     write_json_atomic(folder.manifest_path, manifest)
+
+
+def test_duplicate_document_ids_are_refused(tmp_path, tiny_bert):
+    """Two documents with one id (two passages "dup#0") are refused by a build and by an update, naming the id."""
+    from index_builder.build import BuildError, build
+    from rag.config import BuildConfig, load_config
+
+    docs = long_docs(4)
+    docs[3]["id"] = docs[1]["id"]
+    corpus = write_jsonl(tmp_path / "dup.jsonl", docs)
+    cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'dup'}", f"corpus.path={corpus}",
+                                          f"encoder.name={tiny_bert}", "passages.words=40", "passages.stride=30"])
+    with pytest.raises(BuildError, match=r"duplicate document ids \(doc1\)"):
+        build(cfg, progress=False)
+    base = make(tmp_path, tiny_bert, long_docs(5), "base")
+    twice = [long_docs(7)[5], long_docs(7)[5]]
+    write_jsonl(tmp_path / "twice.jsonl", twice)
+    with pytest.raises(UpdateError, match="given twice in this update: doc5"):
+        update(base, add=str(tmp_path / "twice.jsonl"), progress=False)
+    assert DenseIndex.load(base).generation == 0
