@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -116,7 +117,9 @@ def evaluate(pipe, examples) -> dict:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """Whole checkpoints, oldest first (a half-written one is a hidden `.step-N.partial` folder, never listed)."""
+    whole = [p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(whole, key=lambda p: int(p.name[5:]))
 
 
 @dataclass(frozen=True)
@@ -265,9 +268,16 @@ def _evaluate(acc, pipe, dev, cfg, state, out):
 def _save_checkpoint(acc, out: Path, cfg: TrainConfig, state: Progress) -> None:
     acc.wait_for_everyone()
     path = out / "checkpoints" / f"step-{state.step}"
-    acc.save_state(str(path))
+    partial = path.with_name(f".{path.name}.partial")  # renamed once whole: a kill while writing leaves no step-N
     if acc.is_main_process:
-        save_config(cfg, path / "train.yaml")
+        shutil.rmtree(partial, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(partial))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_config(cfg, partial / "train.yaml")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(partial, path)
         for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()

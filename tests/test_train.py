@@ -195,3 +195,27 @@ def test_the_rag_and_distant_losses_add(setup):
         rag = model.loss(q, a, n_docs=3)
         distant = model(q, a, n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8)
     assert torch.allclose(both, rag + 0.5 * distant, atol=1e-5) and (rag > 0).all()
+
+
+def test_a_kill_while_writing_a_checkpoint_resumes_from_the_last_whole_one(setup, tmp_path, monkeypatch):
+    """Killed half-way through writing step 6's checkpoint: `--resume latest` takes step 3's, the whole one, and
+    the run completes (it once picked the half-written folder and could not load it)."""
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def dies_writing_step_6(self, output_dir=None, **kwargs):
+        if "step-6" in str(output_dir):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise Killed
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_writing_step_6)
+    with pytest.raises(Killed):
+        train(cfg_for(setup, tmp_path, "data.dev=null"), progress=False)
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".step-6.partial", "step-3"]
+    done = train(cfg_for(setup, tmp_path, "data.dev=null"), resume="latest", progress=False)
+    assert done.final.is_dir() and sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-6"]
