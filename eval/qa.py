@@ -32,16 +32,6 @@ MODES = ("retrieval", "sequence", "token", "closed-book", "concat")
 RECALL_KS = (1, 5, 20, 100)
 
 
-def load_pipeline(config: str, overrides: list[str]):
-    """The pipeline of a RAG config or trained folder; a shipped config's missing index is built first."""
-    from rag.first_use import ensure_index
-    from rag.pipeline import RagPipeline, load_rag_config
-
-    cfg = load_rag_config(config, tuple(overrides))
-    ensure_index(cfg)
-    return RagPipeline.load(cfg)
-
-
 def answerable(examples, pipe) -> list[bool]:
     """Whether a gold answer occurs in some passage of the index (normalised, whole words; regex for patterns).
 
@@ -243,7 +233,9 @@ def _run(ap, args) -> int:
         raise CorpusError(f"no questions with answers in {args.data}")
     log.info("%d questions (%d without answers, %d malformed skipped)", len(examples), report.skipped_no_answer,
              report.skipped_malformed)
-    pipe = load_pipeline(args.config, args.set)
+    from rag.first_use import load_pipeline
+
+    pipe = load_pipeline(args.config, tuple(args.set))  # a config's missing index is built first
     summary = evaluate(pipe, examples, modes, Path(args.out).expanduser(), args.n_docs, args.batch_size, decoding,
                        progress=not args.quiet)
     print(markdown(summary, modes, args.n_docs or pipe.cfg.n_docs), end="")

@@ -48,11 +48,6 @@ class UpdateReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def folder_lock(folder: Path):
-    """One writer per folder (see `IndexFolder.lock`)."""
-    return IndexFolder(folder).lock()
-
-
 def _build_config(folder: Path, overrides: tuple[str, ...]) -> BuildConfig:
     return load_config(BuildConfig, IndexFolder(folder).config_path, (f"output={folder}", *overrides))
 
@@ -104,8 +99,7 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
     with where.lock():
         current = DenseIndex.load(where)  # reads the manifest and checks the files against it
         manifest = current.manifest
-        if swept := where.sweep(manifest):
-            log.info("%s: removed %s, left by an earlier update that was stopped", folder, ", ".join(swept))
+        where.sweep(manifest)
         files = where.layout(manifest)
         gen = files["generation"] + 1
         report = UpdateReport(generation=gen)

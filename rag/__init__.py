@@ -17,12 +17,9 @@ def answer(question: str, **kwargs):
     """Answer `question` with the embedded default pipeline (configs/rag/demo.yaml), loaded on first use."""
     global _default
     if _default is None:
-        from rag.first_use import ensure_index
-        from rag.pipeline import RagPipeline, load_rag_config
+        from rag.first_use import load_pipeline
 
-        cfg = load_rag_config()
-        ensure_index(cfg)
-        _default = RagPipeline.load(cfg)
+        _default = load_pipeline()
     return _default.answer(question, **kwargs)
 
 

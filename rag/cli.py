@@ -70,15 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ask(args) -> int:
-    from rag.first_use import ensure_index
-    from rag.pipeline import RagPipeline, load_rag_config
+    from rag.first_use import load_pipeline
 
     overrides = list(args.set)
     if args.beams is not None:
         overrides.append(f"decoding.num_beams={args.beams}")
-    cfg = load_rag_config(args.pretrained or args.config, tuple(overrides))
-    ensure_index(cfg)
-    pipe = RagPipeline.load(cfg)
+    pipe = load_pipeline(args.pretrained or args.config, tuple(overrides))
     ans = pipe.answer(args.question, mode=args.mode, n_docs=args.n_docs)
     print(json.dumps({**asdict(ans), "supported": ans.supported}, indent=2) if args.json else _show(ans))
     return 0

@@ -1,4 +1,4 @@
-"""First use at the edge (`rag ask`, `rag.answer`, eval, training): build a config's missing index.
+"""First use at the edge (`rag ask`, `rag.answer`, eval, training): build a config's missing index, then load.
 
 The builder runs as its own program (`python -m index_builder build`), so that rag/ never imports index_builder/,
 and its progress and its resume after Ctrl-C are the builder's own.
@@ -9,11 +9,22 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from rag.config import RagConfig, resolve_config_path
 from rag.index_folder import IndexFolder, IndexFolderError
 
 log = logging.getLogger(__name__)
+
+
+def load_pipeline(source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = (),
+                  trainable: bool = False):
+    """`RagPipeline.load` of a source (see `load_rag_config`) whose missing index is built first."""
+    from rag.pipeline import RagPipeline, load_rag_config
+
+    cfg = load_rag_config(source, tuple(overrides))
+    ensure_index(cfg)
+    return RagPipeline.load(cfg, trainable=trainable)
 
 
 def ensure_index(cfg: RagConfig) -> None:

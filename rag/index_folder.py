@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from rag.errors import RagError
 from rag.weights import expand_path
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -252,6 +255,8 @@ class IndexFolder:
             if path.is_file() and pattern.match(path.name) and path.name not in keep:
                 path.unlink(missing_ok=True)
                 gone.append(path.name)
+        if gone:
+            log.info("%s: removed %s, left by an earlier writer that was stopped", self.path, ", ".join(sorted(gone)))
         return sorted(gone)
 
     @contextmanager

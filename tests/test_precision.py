@@ -143,13 +143,14 @@ def test_training_follows_the_knob(tmp_path, tiny_index, tiny_bert, tiny_lms, mo
     import yaml
 
     from rag.config import TrainConfig, load_config, to_dict
+    from rag.pipeline import load_rag_config
     from rag.train import _mixed_precision
 
     rag = tmp_path / "rag.yaml"
     rag.write_text(yaml.safe_dump(to_dict(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))))
     for knob, expected in (("float32", "no"), ("bfloat16", "bf16")):
         cfg = load_config(TrainConfig, None, [f"rag={rag}", f"rag_set=[precision={knob}]"])
-        assert _mixed_precision(cfg) == expected
+        assert _mixed_precision(load_rag_config(cfg.rag, cfg.rag_set)) == expected
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())
     cfg = dataclasses.replace(load_config(TrainConfig, None, [f"rag={rag}"]), rag_set=("precision=auto",))
-    assert _mixed_precision(cfg) == "no"
+    assert _mixed_precision(load_rag_config(cfg.rag, cfg.rag_set)) == "no"

@@ -7,10 +7,10 @@ import pytest
 
 from index_builder.__main__ import main as cli
 from index_builder.build import build
-from index_builder.update import UpdateError, compact, folder_lock, update
+from index_builder.update import UpdateError, compact, update
 from rag.config import BuildConfig, load_config
 from rag.index import DenseIndex
-from rag.index_folder import EncoderMismatch, FolderBusy
+from rag.index_folder import EncoderMismatch, FolderBusy, IndexFolder
 from tests.conftest import long_docs, write_jsonl
 
 TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
@@ -112,7 +112,7 @@ def test_encoder_fingerprint_refusal(tmp_path, tiny_bert, other_bert):
 
 
 def _hold_lock(folder, ready):
-    with folder_lock(folder):
+    with IndexFolder(folder).lock():
         ready.set()
         time.sleep(3)
 
@@ -147,8 +147,6 @@ def test_files_left_by_a_kill_after_the_switch_are_swept(tmp_path, tiny_bert, mo
     writer removes them (and half-written *.tmp files), never a file the manifest names or one not of the format."""
     import logging
 
-    from rag.index_folder import IndexFolder
-
     base = make(tmp_path, tiny_bert, long_docs(10), "base")
     write_jsonl(tmp_path / "add.jsonl", long_docs(12)[10:])
     monkeypatch.setattr(IndexFolder, "switch", lambda self, old, new: rag_write(self, new))  # rename, then killed
@@ -158,7 +156,7 @@ def test_files_left_by_a_kill_after_the_switch_are_swept(tmp_path, tiny_bert, mo
     (base / "vectors.g0002.npy.tmp").write_bytes(b"half")
     (base / "notes.txt").write_text("mine")
     (tmp_path / "gone.txt").write_text("doc0\n")
-    with caplog.at_level(logging.INFO, logger="index_builder"):
+    with caplog.at_level(logging.INFO, logger="rag.index_folder"):
         update(base, delete=str(tmp_path / "gone.txt"), progress=False)
     assert "index.faiss" in caplog.text and not (base / "index.faiss").exists()
     assert not (base / "vectors.g0002.npy.tmp").exists() and (base / "notes.txt").read_text() == "mine"
