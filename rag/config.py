@@ -29,13 +29,14 @@ def configs_dir() -> Path:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given; else one of the shipped configs ("configs/rag/demo.yaml" or "rag/demo.yaml")."""
+    """A config file or folder as given; else one shipped with the package ("configs/rag/demo.yaml",
+    "rag/demo.yaml", "configs/adapters/demo/generator")."""
     p = Path(path).expanduser()
-    if p.is_file() or p.is_absolute():
+    if p.exists() or p.is_absolute():
         return p
     parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts
     shipped = configs_dir().joinpath(*parts) if parts else p
-    return shipped if shipped.is_file() else p
+    return shipped if shipped.exists() else p
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class EncoderConfig:
     # Query encoder only: end each question with "?". NQ-open's questions have none; sentence encoders learnt on
     # questions that do (+0.8 answer-recall@5 on EfficientQA dev with all-MiniLM-L6-v2, README "Retrieval levers").
     question_mark: bool = False
+    # A LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors) merged into the weights at
+    # load; a relative path may name one shipped with the package (configs/adapters/...).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class GeneratorConfig:
     answer_prefix: str = ""
     # Decoding ends at any token whose text contains one of these strings (e.g. "\n" for one-line answers).
     stop: tuple[str, ...] = ()
+    # A LoRA adapter folder merged into the weights at load (as EncoderConfig.adapter).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,12 +216,14 @@ RANGES = {
     "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
                        "length_penalty": (-100, 100), "num_return_sequences": (1, None),
                        "max_answer_words": (0, None), "copy_sentences": (0, None)},
-    "RagConfig": {"n_docs": (1, None)},
+    "RagConfig": {"n_docs": (1, None), "prior_scale": (1e-6, 1e6)},
+    "LoraSettings": {"rank": (0, None), "alpha": (1e-6, None), "dropout": (0, 0.999)},
     "DataConfig": {"dev_limit": (0, None)},
     "TrainConfig": {"lr_query_encoder": (0, 1), "lr_generator": (0, 1), "weight_decay": (0, None),
                     "warmup_steps": (0, None), "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
                     "max_grad_norm": (0, None), "label_smoothing": (0, 0.999), "rag_loss": (0, None),
                     "distant_loss": (0, None), "distant_docs": (1, None), "distant_scale": (1e-6, None),
+                    "unanswerable_weight": (0, None),
                     "log_every": (1, None), "checkpoint_every": (1, None), "keep_checkpoints": (1, None),
                     "eval_every": (1, None)},
 }
@@ -317,6 +325,9 @@ class RagConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     mode: Literal["sequence", "token"] = "token"
     n_docs: int = 5
+    # p(z|x) = softmax(prior_scale · d(z)ᵀq(x)): cosine scores lie in [-1, 1], so a scale of 1 makes the prior
+    # nearly flat over the k passages; a larger one lets retrieval confidence weigh in the marginal.
+    prior_scale: float = 1.0
     # Where BERT_q, the generator and the index live: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N.
     device: str = "auto"
     # Search the index on that GPU too (needs faiss-gpu, the `gpu` extra); HNSW always searches on the CPU.
@@ -335,6 +346,17 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     # The target among several gold answers: the first, or one drawn anew each epoch.
     answer: Literal["first", "sample"] = "first"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (peft) for the trained parts: rank 0 trains every weight instead (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    generator_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    query_encoder_modules: tuple[str, ...] = ("query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -363,6 +385,10 @@ class TrainConfig:
     distant_loss: float = 0.0
     distant_docs: int = 50
     distant_scale: float = 20.0
+    # Weight of the RAG loss of a question whose answer is in none of its k passages (0: learn only from questions
+    # the retrieved passages can answer; the generator then cannot learn to guess without support).
+    unanswerable_weight: float = 1.0
+    lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10

@@ -74,6 +74,10 @@ class Encoder(nn.Module):
             # DPR checkpoints wrap a BertModel; its pooler output is the DPR embedding.
             model = getattr(model, "question_encoder", None) or model.ctx_encoder
             model = getattr(model, "bert_model", model)
+        if cfg.adapter:
+            from rag.adapters import merge_adapter
+
+            model = merge_adapter(model, cfg.adapter, "query_encoder.adapter")
         enc = cls(model, tokenizer, cfg)
         return enc.place(cfg.device, cfg.precision)
 

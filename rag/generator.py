@@ -116,8 +116,15 @@ class Generator(nn.Module):
 
     def target_ids(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Answers -> (N, T) token ids ending with EOS, padded, and their (N, T) mask."""
-        return self.pad([self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.cfg.max_target_length - 1]
-                         + [self.eos_id] for a in answers])
+        return self.pad([self.tokenizer(self.answer_lead + a, add_special_tokens=False)["input_ids"]
+                         [: self.cfg.max_target_length - 1] + [self.eos_id] for a in answers])
+
+    @property
+    def answer_lead(self) -> str:
+        """What separates the prompt from a target answer: a space after an answer prefix such as "The answer is:",
+        so that training teaches the tokens the model itself writes there (" Paris", not "Paris")."""
+        prefix = self.cfg.answer_prefix
+        return " " if prefix and not prefix[-1].isspace() else ""
 
     def target_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor, vocab_sum: bool = False,
                         full: bool = False):
@@ -385,13 +392,17 @@ def load_generator(cfg: GeneratorConfig) -> Generator:
 
     # an offline package's GGUF first: it is a causal LM, and asking the hub for its config fails offline
     model, tokenizer = load_causal_lm(cfg.name) if cfg.family != "seq2seq" else (None, None)
-    if model is not None:
-        return CausalGenerator(model.eval(), tokenizer, cfg)
-    path = resolve(cfg.name)
-    with loading("generator.name", cfg.name):
-        seq2seq = cfg.family == "seq2seq" or (cfg.family == "auto"
-                                              and AutoConfig.from_pretrained(path).is_encoder_decoder)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=torch.float32)
+    seq2seq = False
+    if model is None:
+        path = resolve(cfg.name)
+        with loading("generator.name", cfg.name):
+            seq2seq = cfg.family == "seq2seq" or (cfg.family == "auto"
+                                                  and AutoConfig.from_pretrained(path).is_encoder_decoder)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+            model = auto.from_pretrained(path, dtype=torch.float32)
+    if cfg.adapter:
+        from rag.adapters import merge_adapter
+
+        model = merge_adapter(model, cfg.adapter, "generator.adapter")
     return (Seq2SeqGenerator if seq2seq else CausalGenerator)(model.eval(), tokenizer, cfg)

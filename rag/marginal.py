@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def doc_logprobs(doc_scores: torch.Tensor) -> torch.Tensor:
-    """(B, K) scores -> (B, K) log p(z|x)."""
-    return torch.log_softmax(doc_scores.float(), dim=-1)
+def doc_logprobs(doc_scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(B, K) scores -> (B, K) log p(z|x) = log softmax(scale · scores)."""
+    return torch.log_softmax(doc_scores.float() * scale, dim=-1)
 
 
 def gather_target_logprobs(logits: torch.Tensor, targets: torch.Tensor,

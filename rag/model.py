@@ -28,10 +28,14 @@ class Generated:
 
 
 class RagModel(nn.Module):
-    def __init__(self, retriever: Retriever, generator: Generator):
+    def __init__(self, retriever: Retriever, generator: Generator, prior_scale: float = 1.0):
         super().__init__()
         self.retriever = retriever
         self.generator = generator
+        self.prior_scale = prior_scale  # p(z|x) = softmax(prior_scale · d(z)ᵀq(x))
+
+    def doc_logprobs(self, doc_scores: torch.Tensor) -> torch.Tensor:
+        return marginal.doc_logprobs(doc_scores, self.prior_scale)
 
     def contexts(self, questions: list[str], retrieved: Retrieved) -> Contexts:
         return self.generator.prepare(questions, retrieved.passages)
@@ -49,25 +53,36 @@ class RagModel(nn.Module):
 
     def forward(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
                 smoothing: float = 0.0, rag_weight: float = 1.0, distant_weight: float = 0.0,
-                distant_docs: int = 50, distant_scale: float = 20.0) -> torch.Tensor:
+                distant_docs: int = 50, distant_scale: float = 20.0,
+                unanswerable_weight: float = 1.0) -> torch.Tensor:
         """rag_weight · the RAG loss + distant_weight · the distant-supervision loss of BERT_q, per question (B,).
 
         Distant supervision (as DPR and ORQA train retrievers without gold passages): among the top
         `distant_docs` passages, those holding the answer string are positives. With rag_weight 0 the generator
-        is not run at all."""
+        is not run at all. The RAG loss of a question none of whose `n_docs` passages holds its answer is
+        weighted by `unanswerable_weight`."""
         k = max(n_docs, distant_docs if distant_weight else 0)
         retrieved = self.retriever(questions, k)
-        total = torch.zeros(len(questions), device=retrieved.doc_scores.device)
+        device = retrieved.doc_scores.device
+        total = torch.zeros(len(questions), device=device)
+        needs_positives = distant_weight or (rag_weight and unanswerable_weight != 1.0)
+        positive = torch.tensor([[p is not None and passage_has_answer(p, [a]) for p in ps]
+                                 for ps, a in zip(retrieved.passages, answers, strict=True)],
+                                device=device) if needs_positives else None
         if distant_weight:
-            positive = torch.tensor([[passage_has_answer(p, [a]) for p in ps]
-                                     for ps, a in zip(retrieved.passages, answers, strict=True)],
-                                    device=retrieved.doc_scores.device)
             total = total + distant_weight * marginal.distant_supervision_loss(retrieved.doc_scores, positive,
                                                                               distant_scale)
         if rag_weight:
-            top = Retrieved(retrieved.ids[:, :n_docs], retrieved.doc_scores[:, :n_docs],
-                            [ps[:n_docs] for ps in retrieved.passages])
-            total = total + rag_weight * self.loss(questions, answers, mode, n_docs, smoothing, top)
+            weight = torch.ones(len(questions), device=device)
+            if unanswerable_weight != 1.0:
+                weight = torch.where(positive[:, :n_docs].any(1), weight, weight * unanswerable_weight)
+            rows = weight.nonzero().flatten().tolist()  # a question of weight 0 never reaches the generator
+            if rows:
+                top = Retrieved(retrieved.ids[rows, :n_docs], retrieved.doc_scores[rows, :n_docs],
+                                [retrieved.passages[b][:n_docs] for b in rows])
+                loss = self.loss([questions[b] for b in rows], [answers[b] for b in rows], mode, n_docs,
+                                 smoothing, top)
+                total = total.index_add(0, torch.tensor(rows, device=device), rag_weight * weight[rows] * loss)
         return total
 
     def loss(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
@@ -82,7 +97,7 @@ class RagModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains_generator):
             lp, vocab_sum, full = self.target_logprobs(ctx, targets, K, smoothing > 0,
                                                        full=mode == "token" and smoothing > 0)
-        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
+        doc_lp = self.doc_logprobs(retrieved.doc_scores)
         if mode == "sequence":
             return marginal.rag_sequence_loss(lp, doc_lp, mask, smoothing, vocab_sum, self.generator.vocab_size)
         return marginal.rag_token_loss(lp, doc_lp, mask, smoothing, full)
@@ -97,7 +112,7 @@ class RagModel(nn.Module):
 
             ctx.copy_from = focus_sentences(questions, ctx.passages, self.retriever, self.generator.truncate,
                                             cfg.copy_sentences)
-        doc_lp = marginal.doc_logprobs(retrieved.doc_scores)
+        doc_lp = self.doc_logprobs(retrieved.doc_scores)
         run = decoding.rag_token if mode == "token" else decoding.rag_sequence
         hyps = run(self.generator, ctx, doc_lp, cfg)
         out = [[self._explain(ctx, doc_lp, retrieved, b, h) for h in hs] for b, hs in enumerate(hyps)]

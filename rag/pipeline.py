@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rag.adapters import ADAPTER_CONFIG, has_adapter, name_base_model
 from rag.config import (
     ConfigError,
     DecodingConfig,
@@ -98,8 +99,10 @@ def load_rag_config(source: str | Path | RagConfig | None = None, overrides: tup
         if not (folder / SAVED_CONFIG).is_file():
             raise ConfigError(f"{folder} has no {SAVED_CONFIG}: it is not a folder written by "
                               "RagPipeline.save_pretrained or training; give a RAG config YAML or such a folder")
-        return load_config(RagConfig, folder / SAVED_CONFIG, (
-            f"query_encoder.name={folder / 'query_encoder'}", f"generator.name={folder / 'generator'}", *overrides))
+        # each part is whole weights (name = the subfolder) or an adapter over the base weights rag.yaml names
+        parts = [f"{part}.adapter={folder / part}" if (folder / part / ADAPTER_CONFIG).is_file()
+                 else f"{part}.name={folder / part}" for part in ("query_encoder", "generator")]
+        return load_config(RagConfig, folder / SAVED_CONFIG, (*parts, *overrides))
     return load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
 
 
@@ -128,7 +131,8 @@ class RagPipeline:
         encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device), precision=weights))
         folder.check_encoder(index.manifest, encoder.identity())
         generator = load_generator(cfg.generator).place(device, weights)
-        return cls(RagModel(Retriever(encoder, index), generator), dataclasses.replace(cfg, query_encoder=qcfg))
+        return cls(RagModel(Retriever(encoder, index), generator, cfg.prior_scale),
+                   dataclasses.replace(cfg, query_encoder=qcfg))
 
     @property
     def device(self) -> torch.device:
@@ -148,17 +152,24 @@ class RagPipeline:
                 "mode": self.cfg.mode, "n_docs": self.cfg.n_docs}
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """safetensors weights of BERT_q and the generator with their tokenizers, and the RagConfig (rag.yaml)."""
+        """BERT_q and the generator, and the RagConfig (rag.yaml). A part with LoRA layers (training with
+        lora.rank > 0) is saved as its adapter alone (peft's folder, safetensors) over the base weights rag.yaml
+        names; any other part as whole safetensors weights with its tokenizer."""
         folder = Path(folder).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         if self.model.generator.compute_dtype != torch.float32:
             log.warning("saving %s weights: load with precision float32 (or trainable=True) to save full precision",
                         name_of(self.model.generator.compute_dtype))
+        cfg = dataclasses.replace(self.cfg, index=str(self.model.retriever.index.folder.resolve()))
         with quiet_bars():
             for name, part in self.parts().items():
                 part.model.save_pretrained(folder / name, safe_serialization=True)
-                part.tokenizer.save_pretrained(folder / name)
-        cfg = dataclasses.replace(self.cfg, index=str(self.model.retriever.index.folder.resolve()))
+                if has_adapter(part.model):
+                    name_base_model(folder / name, getattr(cfg, name).name)
+                else:
+                    part.tokenizer.save_pretrained(folder / name)
+                    # whole weights: any adapter loaded before is merged into them
+                    cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), adapter=None)})
         save_config(cfg, folder / SAVED_CONFIG)
 
     def reload_index(self, folder: str | Path | None = None) -> int:
@@ -218,7 +229,7 @@ class RagPipeline:
         model = self.model
         if context_length is not None:
             gen = model.generator.with_config(max_context_length=_positive("context_length", context_length, 1))
-            model = RagModel(model.retriever, gen)
+            model = RagModel(model.retriever, gen, model.prior_scale)
         out = []
         for s in range(0, len(questions), batch_size):
             chunk = questions[s : s + batch_size]

@@ -3,9 +3,10 @@
     python -m rag.train --config configs/train/demo.yaml [--set key=value ...] [--resume latest|PATH]
     accelerate launch -m rag.train --config configs/train/nq-bart-large.yaml
 
-BERT_d and the index never change. Checkpoints (`accelerator.save_state`: model, optimiser, scheduler, RNG, and
-the data position) go to OUTPUT/checkpoints/step-N; `--resume latest` continues exactly where the last one stopped.
-The final model is written with `RagPipeline.save_pretrained` to OUTPUT/final.
+BERT_d and the index never change. With `lora.rank` > 0 the trained parts get LoRA adapters (peft) and only the
+adapters are saved. Checkpoints (the trained parameters, optimiser, scheduler, RNG and the data position, as
+safetensors and JSON: rag/checkpoint.py, never pickle) go to OUTPUT/checkpoints/step-N; `--resume latest` continues
+exactly where the last one stopped. The final model is written with `RagPipeline.save_pretrained` to OUTPUT/final.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rag import checkpoint
 from rag.config import TrainConfig, load_config, resolve_config_path, save_config, to_dict
 from rag.errors import RagError
 
@@ -45,7 +48,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 class Progress:
-    """The data position, saved with every checkpoint (accelerate's `register_for_checkpointing`)."""
+    """The data position, saved with every checkpoint."""
 
     def __init__(self):
         self.step = 0  # optimiser steps done
@@ -80,11 +83,21 @@ def load_examples(cfg: TrainConfig):
     from rag.qa_data import QAReport, read_qa
 
     report = QAReport()
-    examples = [e for path in cfg.data.train for e in read_qa(path, cfg.data.format, cfg.data.on_error,
-                                                               report=report)]
+    examples = []
+    for entry in cfg.data.train:
+        path, rows = data_rows(entry)
+        examples += read_qa(path, cfg.data.format, cfg.data.on_error, report=report)[rows]
     if not examples:
         raise TrainingError(f"no training examples in {list(cfg.data.train)} ({report})")
     return examples, report
+
+
+def data_rows(entry: str) -> tuple[str, slice]:
+    """"file.jsonl[500:]" -> ("file.jsonl", rows 500 on): a part of a file (e.g. all but the evaluation rows)."""
+    m = re.fullmatch(r"(.+)\[(\d*):(\d*)\]", entry)
+    if not m:
+        return entry, slice(None)
+    return m[1], slice(int(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
 
 
 def evaluate(pipe, examples) -> dict:
@@ -154,24 +167,27 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     if cfg.rag_loss <= 0 and (cfg.train_generator or cfg.distant_loss <= 0):
         raise TrainingError("rag_loss 0 leaves " + ("the generator without a loss; set rag_loss > 0"
                             if cfg.train_generator else "no loss at all; set rag_loss or distant_loss > 0"))
+    if cfg.lora.rank:
+        _add_adapters(cfg, parts)
     if cfg.gradient_checkpointing:
         for part, on in ((query_encoder.model, cfg.train_query_encoder), (generator.model, cfg.train_generator)):
             if on and getattr(part, "supports_gradient_checkpointing", False):
                 part.gradient_checkpointing_enable()
     groups = []
     if cfg.train_query_encoder:
-        groups.append({"params": list(query_encoder.parameters()), "lr": cfg.lr_query_encoder})
+        groups.append({"params": [p for p in query_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.lr_query_encoder})
     if cfg.train_generator:
-        groups.append({"params": list(generator.parameters()), "lr": cfg.lr_generator})
+        groups.append({"params": [p for p in generator.parameters() if p.requires_grad], "lr": cfg.lr_generator})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     state = Progress()
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    acc.register_for_checkpointing(state)
     if resume:
         path = _resolve_resume(out, resume)
         _check_same_config(path, cfg)
-        acc.load_state(str(path))
+        state.load_state_dict(checkpoint.load(path, acc.unwrap_model(model), optimizer, scheduler,
+                                              acc.process_index))
         log.info("resumed from %s at step %d", path, state.step)
     elif acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -192,11 +208,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 loss = model(questions, answers, mode=pipe.cfg.mode, n_docs=pipe.cfg.n_docs,
                              smoothing=cfg.label_smoothing,
                              rag_weight=cfg.rag_loss, distant_weight=cfg.distant_loss,
-                             distant_docs=cfg.distant_docs, distant_scale=cfg.distant_scale).mean()
+                             distant_docs=cfg.distant_docs, distant_scale=cfg.distant_scale,
+                             unanswerable_weight=cfg.unanswerable_weight).mean()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss is {loss.item()} at step {state.step + 1} on the batch starting "
                                         f"{questions[:3]!r}; lower the learning rate or check the data")
-                acc.backward(loss)
+                if loss.requires_grad:  # not when every question of the batch had weight 0
+                    acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
                 optimizer.step()
@@ -211,7 +229,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         if dev and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
             _evaluate(acc, pipe, dev, cfg, state, out)
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-            _save_checkpoint(acc, out, cfg, state)
+            _save_checkpoint(acc, out, cfg, state, model, optimizer, scheduler)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -258,14 +276,29 @@ def _evaluate(acc, pipe, dev, cfg, state, out):
     acc.wait_for_everyone()
 
 
-def _save_checkpoint(acc, out: Path, cfg: TrainConfig, state: Progress) -> None:
+def _add_adapters(cfg: TrainConfig, parts: dict) -> None:
+    """Fresh LoRA layers on each trained part (peft freezes the rest of its weights)."""
+    from rag.adapters import add_lora
+
+    for name, on in (("query_encoder", cfg.train_query_encoder), ("generator", cfg.train_generator)):
+        if not on:
+            continue
+        part = parts[name]
+        if part.cfg.adapter:
+            raise TrainingError(f"{name}.adapter is set ({part.cfg.adapter}): LoRA trains from the base weights; "
+                                f"set {name}.adapter=null in rag_set, or lora.rank=0 to fine-tune fully")
+        part.model = add_lora(part.model, cfg.lora, getattr(cfg.lora, f"{name}_modules"), name)
+
+
+def _save_checkpoint(acc, out: Path, cfg: TrainConfig, state: Progress, model, optimizer, scheduler) -> None:
     acc.wait_for_everyone()
     path = out / "checkpoints" / f"step-{state.step}"
     partial = path.with_name(f".{path.name}.partial")  # renamed once whole: a kill while writing leaves no step-N
     if acc.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(partial))
+    checkpoint.save(partial, acc.unwrap_model(model), optimizer, scheduler, state.state_dict(), acc.is_main_process,
+                    acc.process_index)
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_config(cfg, partial / "train.yaml")

@@ -91,3 +91,16 @@ def test_a_huge_question_reaches_the_generator_bounded(tiny_lms, kind, caplog):
         huge = gen.prepare(["the capital of france and the seine river " * 625], [[passage]])
     assert huge.input_ids.shape[1] <= short + 12 and "max_question_length=12" in caplog.text
     assert huge.questions[0] and "the capital of france".startswith(huge.questions[0][:21])
+
+
+def test_targets_start_with_a_space_after_an_answer_prefix(tiny_lms):
+    """After "The answer is:" the model writes " Paris": training targets carry that space (without it the loss
+    taught tokens the model never produces there)."""
+    from rag.config import GeneratorConfig
+    from rag.generator import load_generator
+
+    plain = load_generator(GeneratorConfig(name=str(tiny_lms["llama"])))
+    prefixed = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), answer_prefix="The answer is:"))
+    tok = plain.tokenizer
+    assert plain.target_ids(["Paris"])[0][0, :-1].tolist() == tok("Paris", add_special_tokens=False)["input_ids"]
+    assert prefixed.target_ids(["Paris"])[0][0, :-1].tolist() == tok(" Paris", add_special_tokens=False)["input_ids"]

@@ -200,22 +200,122 @@ def test_the_rag_and_distant_losses_add(setup):
 def test_a_kill_while_writing_a_checkpoint_resumes_from_the_last_whole_one(setup, tmp_path, monkeypatch):
     """Killed half-way through writing step 6's checkpoint: `--resume latest` takes step 3's, the whole one, and
     the run completes (it once picked the half-written folder and could not load it)."""
-    from accelerate import Accelerator
+    from rag import checkpoint
 
-    real = Accelerator.save_state
+    real = checkpoint.save
 
-    def dies_writing_step_6(self, output_dir=None, **kwargs):
-        if "step-6" in str(output_dir):
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+    def dies_writing_step_6(folder, *args, **kwargs):
+        if "step-6" in str(folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "trainable.safetensors").write_bytes(b"half")
             raise Killed
-        return real(self, output_dir, **kwargs)
+        return real(folder, *args, **kwargs)
 
-    monkeypatch.setattr(Accelerator, "save_state", dies_writing_step_6)
+    monkeypatch.setattr(checkpoint, "save", dies_writing_step_6)
     with pytest.raises(Killed):
         train(cfg_for(setup, tmp_path, "data.dev=null"), progress=False)
-    monkeypatch.setattr(Accelerator, "save_state", real)
+    monkeypatch.setattr(checkpoint, "save", real)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".step-6.partial", "step-3"]
     done = train(cfg_for(setup, tmp_path, "data.dev=null"), resume="latest", progress=False)
     assert done.final.is_dir() and sorted(p.name for p in checkpoints.iterdir()) == ["step-3", "step-6"]
+
+
+def test_checkpoints_hold_no_pickle_and_no_frozen_part(setup, tmp_path, monkeypatch):
+    """A checkpoint is safetensors and JSON only (a crafted pickle once ran code on --resume), holds only what
+    trains (a frozen generator was saved into every checkpoint), and resuming never calls torch.load."""
+    from safetensors.torch import load_file
+
+    train(cfg_for(setup, tmp_path, "data.dev=null", "max_steps=3"), progress=False)
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+    assert {p.suffix for p in step.iterdir()} <= {".safetensors", ".json", ".yaml"}
+    names = load_file(step / "trainable.safetensors").keys()
+    assert names and all(n.startswith("retriever.encoder.") for n in names)  # the generator is frozen here
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called while resuming")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    done = train(cfg_for(setup, tmp_path, "data.dev=null", "max_steps=4"), resume="latest", progress=False)
+    assert done.final.is_dir()
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(setup, tmp_path):
+    from rag.checkpoint import CheckpointError
+
+    train(cfg_for(setup, tmp_path, "data.dev=null", "max_steps=3"), progress=False)
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+    (step / "optimizer.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        train(cfg_for(setup, tmp_path, "data.dev=null", "max_steps=4"), resume="latest", progress=False)
+    (step / "progress.json").unlink()
+    with pytest.raises(CheckpointError, match="progress.json is missing"):
+        train(cfg_for(setup, tmp_path, "data.dev=null", "max_steps=4"), resume="latest", progress=False)
+
+
+def test_lora_trains_adapters_only_and_the_saved_adapters_answer_as_trained(setup, tmp_path):
+    """With lora.rank > 0 both parts get peft LoRA layers: the base weights do not move, the final folder holds
+    adapters only (no full weights), and loading it (adapters merged into the base) answers as the trained model."""
+    done = train(cfg_for(setup, tmp_path, "train_generator=true", "lora.rank=4", "lora.alpha=8",
+                         "lora.generator_modules=[q_proj, v_proj]", "lora.query_encoder_modules=[query, value]",
+                         "max_steps=8", "lr_query_encoder=0.05", "lr_generator=0.05", "data.dev=null"),
+                 progress=False)
+    final = done.final
+    for part in ("query_encoder", "generator"):
+        files = {p.name for p in (final / part).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    trained = done.pipeline
+    again = RagPipeline.load(final)
+    assert again.cfg.generator.adapter == str(final / "generator")
+    base = RagPipeline.load(setup[1])
+    assert digest(again.model.generator) != digest(base.model.generator)  # the adapter was merged in
+    q = ["capital of france", "the moon rocket"]
+    with torch.no_grad():
+        a = again.model.loss(q, ["paris", "apollo"], n_docs=3)
+        b = trained.model.loss(q, ["paris", "apollo"], n_docs=3)
+    assert torch.allclose(a, b, atol=1e-4)
+    x, y = again.answer(q[0], mode="token"), trained.answer(q[0], mode="token")
+    assert (x.text, [p.id for p in x.passages]) == (y.text, [p.id for p in y.passages])
+
+
+def test_a_bad_adapter_is_one_line(setup, tmp_path, tiny_lms):
+    from rag.config import ConfigError
+
+    with pytest.raises(ConfigError, match="generator.adapter.*no adapter_config.json"):
+        RagPipeline.load(setup[1], ["generator.adapter=" + str(tmp_path)])
+    done = train(cfg_for(setup, tmp_path, "train_generator=true", "train_query_encoder=false", "lora.rank=2",
+                         "max_steps=1", "data.dev=null"), progress=False)
+    with pytest.raises(ConfigError, match="generator.adapter.*does not fit"):  # trained on llama, given gpt2
+        RagPipeline.load(setup[1], [f"generator.name={tiny_lms['gpt2']}",
+                                    f"generator.adapter={done.final / 'generator'}"])
+
+
+def test_training_rows_of_a_file(tmp_path):
+    from rag.train import data_rows
+
+    assert data_rows("a/nq.jsonl[500:]") == ("a/nq.jsonl", slice(500, None))
+    assert data_rows("a/nq.jsonl[:10]") == ("a/nq.jsonl", slice(None, 10))
+    assert data_rows("a/nq.jsonl") == ("a/nq.jsonl", slice(None))
+
+
+def test_unanswerable_questions_weighted(setup):
+    """unanswerable_weight scales the RAG loss of questions none of whose passages holds the answer; at 0 they
+    never reach the generator."""
+    pipe = RagPipeline.load(setup[1])
+    model = pipe.model
+    held = pipe.retrieve("capital of france", 3)[0][0].text.split()[0]  # a word its first passage holds
+    q, a = ["capital of france", "capital of france"], [held, "zanzibar"]
+    with torch.no_grad():
+        full = model(q, a, n_docs=3)
+        half = model(q, a, n_docs=3, unanswerable_weight=0.5)
+        none = model(q, a, n_docs=3, unanswerable_weight=0.0)
+    assert torch.allclose(half, full * torch.tensor([1.0, 0.5]), atol=1e-5)
+    assert none[1] == 0 and torch.isclose(none[0], full[0], atol=1e-5)
+
+
+def test_prior_scale_sharpens_the_prior(setup):
+    pipe = RagPipeline.load(setup[1], ["prior_scale=20"])
+    flat = RagPipeline.load(setup[1])
+    a, b = pipe.answer("capital of france"), flat.answer("capital of france")
+    assert max(p.prior for p in a.passages) > max(p.prior for p in b.passages)
+    assert [p.score for p in a.passages] == [p.score for p in b.passages]

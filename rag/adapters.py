@@ -1,0 +1,80 @@
+"""LoRA adapters (peft) on BERT_q and the generator: added for training, saved alone, merged at load.
+
+A saved adapter is peft's own folder (adapter_config.json + adapter_model.safetensors, no pickle); loading merges
+it into the base weights, so a model with an adapter answers exactly as fast as the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from rag.config import ConfigError, LoraSettings, resolve_config_path
+from rag.weights import expand_path
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name; its presence marks a folder as an adapter
+
+
+def adapter_folder(path: str | Path, key: str) -> Path:
+    """The folder an `adapter:` setting names: a path as given, else one shipped with the package."""
+    folder = resolve_config_path(expand_path(path))
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no {ADAPTER_CONFIG} there; give a folder written by training "
+                          "with lora.rank > 0 (or by peft's save_pretrained)")
+    return folder
+
+
+def merge_adapter(model: nn.Module, path: str | Path, key: str) -> nn.Module:
+    """`model` with the LoRA adapter at `path` merged into its weights (a plain transformers model again)."""
+    from peft import PeftModel
+
+    folder = adapter_folder(path, key)
+    try:
+        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}={str(path)!r} does not fit this model ({first}); was it trained on "
+                          "another base model?") from None
+    log.info("merged the adapter %s", folder)
+    return merged
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, modules: tuple[str, ...], key: str) -> nn.Module:
+    """`model` wrapped with fresh LoRA layers on `modules` (only they train); `save_pretrained` then writes
+    only the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in modules if m not in names]
+    if missing:
+        raise ConfigError(f"lora.{key}_modules: {', '.join(missing)} not in {type(model).__name__}; its linear "
+                          f"layers include {', '.join(sorted(_linear_names(model))[:12])}")
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=list(modules))
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for a user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
+
+
+def name_base_model(folder: Path, name: str) -> None:
+    """Record the configured base model (a hub name) in a saved adapter instead of the local path peft wrote."""
+    path = folder / ADAPTER_CONFIG
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["base_model_name_or_path"] = name
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def has_adapter(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
