@@ -70,25 +70,72 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _check_folder(out: Path, cfg: BuildConfig, overwrite: bool) -> dict | None:
+def is_build(out: Path) -> bool:
+    """Whether `out` holds an index build (finished or not): the only kind of folder --overwrite replaces."""
+    return (out / STATE_FILE).is_file() or (out / MANIFEST).is_file()
+
+
+def _saved_identity(out: Path) -> dict | None:
+    for name in (STATE_FILE, MANIFEST):
+        if (out / name).is_file():
+            return json.loads((out / name).read_text(encoding="utf-8")).get("identity")
+    return None
+
+
+def _check_folder(out: Path, cfg: BuildConfig) -> dict | None:
     """Decide what to do with an existing output folder; return the saved build state when resuming."""
     if not out.exists() or not any(out.iterdir()):
-        return None
-    if overwrite:
-        shutil.rmtree(out)
         return None
     for name in (STATE_FILE, MANIFEST):
         path = out / name
         if path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8")).get("identity")
-            diff = _differences(saved or {}, identity(cfg))
+            diff = _differences(_saved_identity(out) or {}, identity(cfg))
             if diff:
                 raise BuildError(
                     f"{out} holds a build of another config ({'; '.join(diff)}); "
                     "use another output folder or --overwrite"
                 )
-            return json.loads((out / STATE_FILE).read_text()) if name == STATE_FILE else {"complete": True}
+            if name == MANIFEST:
+                return {"complete": True}
+            state = json.loads((out / STATE_FILE).read_text())
+            _check_same_corpus(out, cfg, state)
+            return state
     raise BuildError(f"{out} exists and is not an index build; use another output folder or --overwrite")
+
+
+def corpus_fingerprint(cfg: BuildConfig) -> dict:
+    """What identifies the corpus files a build read: size, mtime and a hash of the first and last MiB of each
+    (a directory: of each file in it, in name order). Cheap for 13 GB, and any edit changes it."""
+    import hashlib
+
+    if cfg.corpus.path is None:  # the demo corpus: an installed package
+        return {}
+    root = Path(cfg.corpus.path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = hashlib.sha256()
+    size = 0
+    for f in files:
+        st = f.stat()
+        size += st.st_size
+        h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return {"files": len(files), "bytes": size, "sha256": h.hexdigest()[:32]}
+
+
+def _check_same_corpus(out: Path, cfg: BuildConfig, state: dict) -> None:
+    """A build resumed after its passage stage must read the same corpus it started from: an edited corpus
+    would otherwise leave the old passages under a new index."""
+    saved = state.get("corpus")
+    if saved is None or "passages" not in state.get("stages", {}):
+        return
+    now = corpus_fingerprint(cfg)
+    if now != saved:
+        raise BuildError(f"{cfg.corpus.path} changed since the build in {out} started ({saved} then, {now} now); "
+                         "rerun with --overwrite to build from the corpus as it is")
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -179,15 +226,19 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
 
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
     out = IndexFolder(cfg.output).path
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} is a file, not a folder; give the index a folder of its own")
+    if overwrite and out.exists() and any(out.iterdir()):
+        return _overwrite(cfg, out, dist, progress)
     t0 = time.perf_counter()
     state = None
     if dist.is_main_process:
-        state = _check_folder(out, cfg, overwrite)
+        state = _check_folder(out, cfg)
         if state and state.get("complete"):
             log.info("%s is already built with this config", out)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            state = state or {"identity": identity(cfg), "stages": {}}
+            state = state or {"identity": identity(cfg), "corpus": corpus_fingerprint(cfg), "stages": {}}
             _save_state(out, state)
             save_config(cfg, out / "config.yaml")
             if "passages" not in state["stages"]:
@@ -214,6 +265,33 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
             _save_state(out, state)
     if dist.is_main_process:
         _finish(out, cfg, state, progress)
+    dist.wait_for_everyone()
+    return out
+
+
+def _overwrite(cfg: BuildConfig, out: Path, dist, progress: bool) -> Path:
+    """--overwrite: build the new index beside the old one (.NAME.new, itself resumable) and replace the old only
+    once the new one is whole, so a failing build leaves the old index as it was. Only an index build is
+    replaced: any other folder is refused, never deleted."""
+    from dataclasses import replace
+
+    if not is_build(out):
+        raise BuildError(f"{out} is not an index build (no {MANIFEST} or {STATE_FILE}); --overwrite replaces only "
+                         "index folders: choose another output folder")
+    staging = out.with_name(f".{out.name}.new")
+    if dist.is_main_process and is_build(staging) and _saved_identity(staging) != identity(cfg):
+        shutil.rmtree(staging)  # a staging build of another config, left by a failed overwrite: ours to remove
+    dist.wait_for_everyone()
+    build(replace(cfg, output=str(staging)), overwrite=False, progress=progress)
+    if dist.is_main_process:
+        with IndexFolder(out).lock():  # no update or compact runs on the old index while it is replaced
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        save_config(cfg, out / "config.yaml")
+        log.info("replaced %s with the new build", out)
     dist.wait_for_everyone()
     return out
 

@@ -20,6 +20,8 @@ from rag.store import PassageStore, SegmentedVectors
 
 log = logging.getLogger(__name__)
 
+RETRIES = 3  # re-reads of the manifest when a writer switches generations while the index is being opened
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -119,9 +121,23 @@ class DenseIndex:
     def load(cls, folder: str | Path | IndexFolder, verify: bool = False, **overrides) -> DenseIndex:
         """Open `folder` at its current generation; check it against its manifest (sizes; sha256 too with `verify`).
 
-        `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu)."""
+        `overrides` change search-time settings (ef_search, nprobe, rerank, use_gpu). A writer (update, compact)
+        may switch the generation and remove the old one's files between our reading the manifest and opening
+        them: then the new generation is opened instead."""
         where = folder if isinstance(folder, IndexFolder) else IndexFolder(folder)
-        manifest = where.read_manifest()
+        for attempt in range(RETRIES + 1):
+            manifest = where.read_manifest()
+            try:
+                return cls._open_generation(where, manifest, verify, overrides)
+            except IndexFolderError:
+                moved = where.read_manifest().get("generation") != manifest.get("generation")
+                if not moved or attempt == RETRIES:
+                    raise
+                log.info("%s switched to a new generation while it was being opened; opening that", where.path)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_generation(cls, where: IndexFolder, manifest: dict, verify: bool, overrides: dict) -> DenseIndex:
         where.check_files(manifest, verify)
         known = set(IndexConfig.__dataclass_fields__)
         params = {k: v for k, v in manifest["index"].items() if k in known}
@@ -150,7 +166,29 @@ class DenseIndex:
         set_search_params(index, cfg)
         if cfg.use_gpu:
             index = _to_gpu(index, cfg)
-        return cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted)
+        loaded = cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted)
+        loaded.probe(path)
+        return loaded
+
+    def probe(self, path: Path) -> None:
+        """A cheap check at load that the FAISS file searches what the stored vectors hold: three stored vectors
+        as queries must get finite scores, and (flat, HNSW: exact distances) the score of each returned passage
+        must equal its stored vector's inner product. A same-size corruption of the codes fails it; only
+        `index_builder verify` (sha256 of every file) catches every changed byte."""
+        live = np.setdiff1d(np.array([0, len(self.vectors) // 2, len(self.vectors) - 1]), self.deleted)
+        if not len(live) or len(self) == 0:
+            return
+        queries = np.asarray(self.vectors[live], np.float32)
+        got = self.search(queries, 1, check=False)
+        ok = np.isfinite(got.scores).all()
+        if ok and self.cfg.type != "ivfpq":
+            ids = got.ids[:, 0]
+            exact = np.einsum("qd,qd->q", np.asarray(self.gather(ids[:, None])[:, 0], np.float32), queries)
+            ok = (ids >= 0).all() and np.allclose(got.scores[:, 0], exact, rtol=1e-2, atol=1e-2)
+        if not ok:
+            raise IndexFolderError(f"{path}: its search disagrees with the stored vectors (scores "
+                                   f"{got.scores[:, 0].tolist()}); the file is damaged, run `index_builder verify` "
+                                   "and rebuild with --overwrite")
 
     def _search_params(self):
         """faiss search parameters that mask deleted rows (None when nothing is deleted)."""
@@ -173,8 +211,9 @@ class DenseIndex:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def search(self, queries: np.ndarray, k: int, return_vectors: bool = False) -> SearchResult:
-        """Top-k maximum inner product search for (Q, D) query vectors."""
+    def search(self, queries: np.ndarray, k: int, return_vectors: bool = False, check: bool = True) -> SearchResult:
+        """Top-k maximum inner product search for (Q, D) query vectors. A NaN or infinite score (damaged codes)
+        is an IndexFolderError, never a ranking."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
@@ -198,6 +237,10 @@ class DenseIndex:
             ids = np.take_along_axis(ids, top, 1)
             scores = np.take_along_axis(exact, top, 1)
             vecs = np.take_along_axis(vecs, top[:, :, None], 1)  # (Q, k, D)
+        if check and (not np.isfinite(scores[ids >= 0]).all() or (ids >= self.index.ntotal).any()):
+            raise IndexFolderError(f"{self.folder}: the index returned scores {scores[0, :3].tolist()} for ids "
+                                   f"{ids[0, :3].tolist()}; its FAISS file is damaged, run `index_builder verify` "
+                                   "and rebuild with --overwrite")
         scores = np.where(ids < 0, -np.inf, scores)  # a missing hit (HNSW after deletions, IVF with few probes)
         return SearchResult(ids=ids.astype(np.int64), scores=scores.astype(np.float32),
                             vectors=vecs if return_vectors else None)

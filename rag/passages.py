@@ -225,6 +225,10 @@ def read_corpus(cfg: CorpusConfig, report: ReadReport | None = None) -> Iterator
         path = Path(cfg.path).expanduser()
     if not path.exists():
         raise CorpusError(f"corpus path {path} does not exist")
+    folders = {"txt_dir", "hf_disk"}
+    if path.is_dir() != (cfg.format in folders):
+        raise CorpusError(f"corpus path {path} is a {'folder' if path.is_dir() else 'file'}; corpus.format "
+                          f"{cfg.format} reads {'a folder' if cfg.format in folders else 'one file'}")
     yield from READERS[cfg.format](path, cfg, report)
 
 
