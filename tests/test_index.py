@@ -151,10 +151,12 @@ def test_load_checks(built, tmp_path):
         DenseIndex.load(broken)
     m["count"] -= 1
     (broken / MANIFEST).write_text(json.dumps(m))
+    flat = faiss.read_index(str(broken / "index.faiss"))
+    row = (broken / "index.faiss").stat().st_size - (flat.ntotal - 1) * flat.d * 4  # vector 1 (not probed at load)
     with open(broken / "index.faiss", "r+b") as f:  # same size, different bytes
-        f.seek(100)
+        f.seek(row)
         f.write(b"\x00\x01\x02")
-    DenseIndex.load(broken)  # sizes match: a plain load does not read whole files
+    DenseIndex.load(broken)  # sizes match, probed vectors too: a plain load does not read whole files
     with pytest.raises(IndexFolderError, match="checksum"):
         DenseIndex.load(broken, verify=True)
     (broken / "passages.arrow").unlink()
