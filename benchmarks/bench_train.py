@@ -1,6 +1,6 @@
 """A training step (forward + backward) against transformers' RAG classes on identical weights.
 
-    python benchmarks/bench_train.py [--mode sequence|token]
+    python -m benchmarks.bench_train [--mode sequence|token] [--precisions float32,bfloat16]
 
 bart-base-shaped random BART generator, BERT-base-shaped random question encoder, B=2 questions, K=5 passages of
 128 tokens, 16 target tokens. Doc scores are q(x)ᵀd(z) against fixed passage vectors in both systems, so the
@@ -8,7 +8,9 @@ gradient reaches the question encoder the same way. The loss and every gradient 
 time is the best of three alternated runs and its peak memory is measured in a process of its own: the second step's
 peak RSS above the RSS before it, with glibc's mmap threshold fixed so that freed tensors leave RSS (otherwise the
 allocator's retained heap and the first step's code pages blur the figure). The gradients themselves (949 MiB of
-fp32 for these 250M parameters) are a floor both systems share; "activations" is the peak above them.
+fp32 for these 250M parameters) are a floor both systems share; "activations" is the peak above them. Each
+precision is a step as the trainer takes it: float32 weights, bfloat16 through autocast (accelerate's mixed
+precision), for both systems.
 """
 
 from __future__ import annotations
@@ -88,11 +90,16 @@ def grads(*modules) -> dict:
             if p.grad is not None}
 
 
-def peak(system: str, mode: str) -> float:
+def autocast(precision: str):
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def peak(system: str, mode: str, precision: str) -> float:
     """Peak memory a training step adds on top of the models and data, measured in a fresh process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--mode", mode, "--peak", system],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--mode", mode, "--peak", system,
+                          "--precisions", precision], capture_output=True, text=True, check=True, env=env).stdout
     peak_mib, grads_mib = out.split()[-2:]
     return float(peak_mib), float(grads_mib)
 
@@ -105,12 +112,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _peak_child(system: str, mode: str) -> None:
+def _peak_child(system: str, mode: str, precision: str) -> None:
     import gc
 
     bart, qenc, data = build()
 
     def step():
+        with autocast(precision):
+            _step(system)
+
+    def _step(system):
         if system == "hf":
             step_transformers(bart, qenc, data, mode)
         else:
@@ -133,10 +144,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["sequence", "token"], default="sequence")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     ap.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # internal: one step in a fresh process
     args = ap.parse_args()
     if args.peak:
-        return _peak_child(args.peak, args.mode)
+        return _peak_child(args.peak, args.mode, args.precisions)
+    precisions = args.precisions.split(",")
     rate = matmul_gflops()
 
     bart, qenc, data = build()
@@ -152,23 +165,29 @@ def main() -> None:
     worst = max((g_hf[k] - g_ours[k]).abs().max().item() for k in g_hf) / scale
     same_grads = set(g_hf) == set(g_ours) and worst < 1e-4
 
-    best = {"hf": float("inf"), "ours": float("inf"), "ours+ckpt": float("inf")}
+    systems = {"hf": lambda: step_transformers(bart, qenc, data, args.mode),
+               "ours": lambda: step_ours(bart, qenc, data, args.mode),
+               "ours+ckpt": lambda: step_ours(bart, qenc, data, args.mode, True)}
+    runs = [(name, p) for p in precisions for name in systems]
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(args.repeats):
-        for name, fn in (("hf", lambda: step_transformers(bart, qenc, data, args.mode)),
-                         ("ours", lambda: step_ours(bart, qenc, data, args.mode)),
-                         ("ours+ckpt", lambda: step_ours(bart, qenc, data, args.mode, True))):
+        for name, p in runs:
             bart.zero_grad(set_to_none=True)
             qenc.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
+            with autocast(p):
+                systems[name]()
+            best[name, p] = min(best[name, p], time.perf_counter() - t)
             bart.gradient_checkpointing_disable()
             qenc.gradient_checkpointing_disable()
-    mem = {name: peak(name, args.mode) for name in best}
-    act = {name: mem[name][0] - mem[name][1] for name in best}
-    rows = [{"system": name, "step s": best[name], "speed-up": best["hf"] / best[name],
-             "step peak MiB": mem[name][0], "memory / transformers": mem[name][0] / mem["hf"][0],
-             "activations MiB": act[name], "activations / transformers": act[name] / act["hf"]} for name in best]
+    mem = {run: peak(*run[:1], args.mode, run[1]) for run in runs}
+    act = {run: mem[run][0] - mem[run][1] for run in runs}
+    base = ("hf", precisions[0])
+    rows = [{"system": name, "precision": p, "step s": best[name, p], "speed-up": best[base] / best[name, p],
+             "vs float32 same system": best[name, precisions[0]] / best[name, p],
+             "step peak MiB": mem[name, p][0], "memory / transformers": mem[name, p][0] / mem[base][0],
+             "activations MiB": act[name, p], "activations / transformers": act[name, p] / act[base]}
+            for name, p in runs]
     print(f"machine: {machine()}; fp32 matmul {rate:.1f} GFLOP/s; RAG-{args.mode}, B={B}, K={K}, {S}-token "
           f"contexts, {T} target tokens; loss equal: {same_loss} ({loss_hf.item():.4f} vs {loss_ours.item():.4f}); "
           f"gradients equal: {same_grads} (worst relative difference {worst:.2e})")

@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--beams", type=int, default=None, help="beam size (1: greedy)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     a.add_argument("--json", action="store_true", help="print the answer and its provenance as JSON")
+    sub.add_parser("serve", help="answer over HTTP with micro-batching and a page (rag serve --help)", add_help=False)
     return p
 
 
@@ -62,6 +63,11 @@ def quiet_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own parser: rag serve --help
+        from rag.serve import main as serve
+
+        return serve(argv[1:])
     args = _parser().parse_args(argv)
     quiet_logging(logging.WARNING if args.json else logging.INFO)
     from rag.errors import run_cli
