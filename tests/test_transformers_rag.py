@@ -238,3 +238,31 @@ def test_a_config_naming_a_transformers_checkpoint(setup, imported, tmp_path, mo
     pipe = RagPipeline.load(yaml)
     assert (pipe.cfg.mode, pipe.cfg.n_docs) == ("sequence", 2) and len(pipe.answer(QUESTIONS[0]).passages) == 2
     assert any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_a_killed_import_keeps_its_shards(setup, tmp_path, monkeypatch):
+    import index_builder.imports as imports
+    from rag.config import BuildConfig, load_config
+    from rag.index import DenseIndex
+
+    cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'idx'}", "corpus.format=hf_disk",
+                                          f"corpus.path={setup[1]}", "encoder.pooling=cls", "encoder.normalize=false",
+                                          "index.shard_size=5"])
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(imports, "_merge_shards", killed)
+    with pytest.raises(Killed):
+        imports.import_index(cfg, progress=False)
+    monkeypatch.undo()
+    shards = sorted((tmp_path / "idx" / "shards").glob("*.npy"))
+    assert len(shards) == 3
+    written = []
+    real = np.save
+    monkeypatch.setattr(np, "save", lambda f, *a, **k: (written.append(f), real(f, *a, **k)))
+    imports.import_index(cfg, progress=False)
+    assert not written and len(DenseIndex.load(tmp_path / "idx")) == 12  # no shard written again
