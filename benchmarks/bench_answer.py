@@ -3,6 +3,11 @@ start to printed answer), the RAG-sequence k=10 beam-4 peak, load, warm `answer(
 The index must be built (`rag ask` once).
 
     python -m benchmarks.bench_answer [--questions 10] [--precisions float32,bfloat16]
+    python -m benchmarks.bench_answer --threads     # warm answer() alone and beside a busy process, per policy
+
+--threads: warm `answer()` in a fresh process per OpenMP policy (ACTIVE: spinning waits, libgomp's default;
+PASSIVE: rag's default; one intra-op thread), alone and beside a competitor that keeps 2 threads busy with float32
+matrix products (what an index build or a training run does), so the degradation under sharing is measured.
 """
 
 from __future__ import annotations
@@ -66,13 +71,53 @@ ROWS = [
 ]
 
 
+THREAD_POLICIES = {"ACTIVE (libgomp default)": {"OMP_WAIT_POLICY": "ACTIVE"},
+                   "PASSIVE (rag default)": {"OMP_WAIT_POLICY": "PASSIVE"},
+                   "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}}
+WARM = ("import json, statistics, sys, time\nfrom rag.first_use import load_pipeline\n"
+        "pipe = load_pipeline(sys.argv[1])\nqs = json.loads(sys.argv[2])\npipe.answer(qs[0])\nts = []\n"
+        "for q in qs:\n    t = time.perf_counter(); pipe.answer(q); ts.append(time.perf_counter() - t)\n"
+        "print(statistics.median(ts))\n")
+BURN = ("import torch, time\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nend = time.time() + 3600\n"
+        "while time.time() < end:\n    a @ a\n")
+
+
+def threads(config: str, n: int) -> list[dict]:
+    import os
+    import subprocess
+    import sys
+
+    rows = []
+    for name, env in THREAD_POLICIES.items():
+        row = {"policy": name}
+        for shared in (False, True):
+            burner = subprocess.Popen([sys.executable, "-c", BURN], env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}) \
+                if shared else None
+            try:
+                out = subprocess.run([sys.executable, "-c", WARM, config, json.dumps(QUESTIONS[:n])],
+                                     env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
+            finally:
+                if burner:
+                    burner.kill()
+                    burner.wait()
+            row["beside a busy process s" if shared else "alone s"] = float(out.split()[-1])
+        row["shared / alone"] = row["beside a busy process s"] / row["alone s"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=10)
+    ap.add_argument("--threads", action="store_true", help="measure the OpenMP thread policies instead")
     ap.add_argument("--config", default="configs/rag/demo.yaml")
     ap.add_argument("--precisions", default="float32,bfloat16", help="comma-separated; the first is the baseline")
     args = ap.parse_args()
     rate = matmul_gflops()
+    if args.threads:
+        print(f"machine: {machine()}; warm answer() median of {args.questions} questions, {args.config}")
+        print(table(threads(args.config, args.questions)))
+        return
     names = [p.strip() for p in args.precisions.split(",") if p.strip()]
     got = {name: measure(args.config, name, args.questions) for name in names}
     base = got[names[0]]

@@ -154,3 +154,19 @@ def test_training_follows_the_knob(tmp_path, tiny_index, tiny_bert, tiny_lms, mo
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())
     cfg = dataclasses.replace(load_config(TrainConfig, None, [f"rag={rag}"]), rag_set=("precision=auto",))
     assert _mixed_precision(load_rag_config(cfg.rag, cfg.rag_set)) == "no"
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says(tmp_path):
+    """Spinning OpenMP threads made warm answer() 2x slower beside another busy process; rag sets PASSIVE before
+    torch loads, and leaves a user's own choice alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import rag, os; print(os.environ['OMP_WAIT_POLICY'])"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
