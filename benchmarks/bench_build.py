@@ -1,10 +1,12 @@
 """Streaming build: peak memory of building a 200k-passage index, and the cost of opening the finished folder.
 
-    python benchmarks/bench_build.py [--passages 200000]
+    python -m benchmarks.bench_build [--passages 200000]
+    python -m benchmarks.bench_build --demo [--precisions float32,bfloat16]   # the demo index, each precision
 
 The corpus is generated (JSON Lines, one 100-word document a passage); the encoder is a tiny random BERT, so the
 numbers measure the pipeline (reading, splitting, the Arrow store, shards, merge, FAISS), not the model.
-Each step runs in its own process so that its peak resident memory is its own.
+Each step runs in its own process so that its peak resident memory is its own. `--demo` instead builds the real
+demo index (configs/index/demo.yaml: 10,033 summaries, MiniLM) from scratch once per precision, side by side.
 """
 
 from __future__ import annotations
@@ -38,11 +40,34 @@ print(json.dumps({"seconds": seconds, "rss_mib": after / 2**20, "added_mib": (af
 """
 
 
+def demo(precisions: list[str], workdir: str | None) -> None:
+    from benchmarks.common import run_module
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-build-demo-"))
+    rows = []
+    for p in precisions:
+        out = work / f"demo-{p}"
+        seconds, peak, _ = run_module("index_builder", ["build", "--quiet", "--overwrite", "--config",
+                                                        "configs/index/demo.yaml", "--set", f"output={out}",
+                                                        "--set", f"encoder.precision={p}"])
+        m = json.loads((out / "manifest.json").read_text())
+        rows.append({"precision": p, "build s": seconds, "passages/s": m["count"] / seconds,
+                     "encode s": m["build"]["seconds"].get("vectors"), "peak MiB": peak})
+    for r in rows:
+        r["vs first"] = rows[0]["build s"] / r["build s"]
+    print(f"machine: {machine()}; demo index ({rows[0]['passages/s'] * rows[0]['build s']:.0f} passages)")
+    print(table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passages", type=int, default=200_000)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--demo", action="store_true", help="build the demo index once per precision instead")
+    ap.add_argument("--precisions", default="float32,bfloat16")
     args = ap.parse_args()
+    if args.demo:
+        return demo(args.precisions.split(","), args.workdir)
     sys.path.insert(0, str(REPO))
     from tests.conftest import WORDS, write_tiny_bert
 
