@@ -6,6 +6,7 @@ it into the base weights, so a model with an adapter answers exactly as fast as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -36,7 +37,8 @@ def merge_adapter(model: nn.Module, path: str | Path, key: str) -> nn.Module:
 
     folder = adapter_folder(path, key)
     try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with _quiet():
+            merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}={str(path)!r} does not fit this model ({first}); was it trained on "
@@ -57,9 +59,16 @@ def add_lora(model: nn.Module, settings: LoraSettings, modules: tuple[str, ...],
                           f"layers include {', '.join(sorted(_linear_names(model))[:12])}")
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(modules))
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for a user to do
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet():
         return get_peft_model(model, cfg)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """peft asks transformers a deprecated question (a FutureWarning); nothing for a user to do about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def name_base_model(folder: Path, name: str) -> None:

@@ -264,3 +264,20 @@ def test_every_benchmark_imports():
     for path in sorted((REPO / "benchmarks").glob("bench_*.py")):
         module = importlib.import_module(f"benchmarks.{path.stem}")
         assert callable(getattr(module, "main", None)), path.name
+
+
+def test_the_default_ships_its_adapters():
+    """configs/rag/demo.yaml names LoRA adapters shipped with the package (package data), small, over the base
+    models it names."""
+    import json
+
+    from rag.adapters import adapter_folder
+    from rag.config import RagConfig, load_config, resolve_config_path
+
+    cfg = load_config(RagConfig, resolve_config_path("configs/rag/demo.yaml"))
+    total = 0
+    for part in (cfg.query_encoder, cfg.generator):
+        folder = adapter_folder(part.adapter, "adapter")
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == part.name
+        total += sum(p.stat().st_size for p in folder.iterdir())
+    assert total <= 20 * 2**20
