@@ -6,6 +6,7 @@ An unknown key is an error that names it; `--set section.key=value` overrides ar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from rag.errors import RagError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RagError, ValueError):
@@ -142,14 +145,6 @@ class DecodingConfig:
     # RAG-sequence: "thorough" scores every hypothesis under every passage; "fast" takes p(y|x,z) = 0 where
     # y was not in z's beam (no extra forward passes).
     sequence_decoding: Literal["thorough", "fast"] = "thorough"
-    # Extractive decoding: every answer is a span copied from a retrieved passage (its title or text); each new
-    # token must continue such a span, and the answer may end (EOS or a stop string) after any token.
-    copy: bool = False
-    # With copy: the answer ends at the first word boundary after this many words (0: no limit).
-    max_answer_words: int = 0
-    # With copy: copy only from the title and the best few sentences of the passages, as the query encoder ranks
-    # them against the question (0: the whole passages).
-    copy_sentences: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,7 +199,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 # Keys of earlier releases: renamed (new name) or dropped (None), so that their saved configs still load.
-LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_precision"): None}
+LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_precision"): None,
+               # extractive decoding (copying with hand-made rules) was removed once the fine-tuned reader answered
+               # better without it (README, "The fine-tuned default"); old configs and saved models still load
+               ("DecodingConfig", "copy"): None, ("DecodingConfig", "max_answer_words"): None,
+               ("DecodingConfig", "copy_sentences"): None}
 
 
 # Allowed ranges of numeric settings (inclusive lower, inclusive upper; None: unbounded). A value outside is an error
@@ -218,8 +217,7 @@ RANGES = {
     "GeneratorConfig": {"max_context_length": (1, None), "max_target_length": (2, None),
                         "max_question_length": (1, None)},
     "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
-                       "length_penalty": (-100, 100), "num_return_sequences": (1, None),
-                       "max_answer_words": (0, None), "copy_sentences": (0, None)},
+                       "length_penalty": (-100, 100), "num_return_sequences": (1, None)},
     "RagConfig": {"n_docs": (1, None), "prior_scale": (1e-6, 1e6)},
     "LoraSettings": {"rank": (0, None), "alpha": (1e-6, None), "dropout": (0, 0.999)},
     "DataConfig": {"dev_limit": (0, None)},
@@ -259,6 +257,8 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         if owner == cls.__name__ and old in data:
             value = data[old]
             data = {k: v for k, v in data.items() if k != old}
+            if new is None and value:
+                log.warning("%s.%s=%r is no longer a setting; ignored", where, old, value)
             if new is not None and new not in data:
                 data[new] = value
     hints = typing.get_type_hints(cls)

@@ -183,18 +183,9 @@ def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: i
     return out
 
 
-def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None,
-           questions=None) -> list[list[Hypothesis]]:
-    """With `cfg.copy`: `spans` and `questions`, per row before beams, the token sequences it may copy from and
-    the question it answers."""
+def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator) -> list[list[Hypothesis]]:
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     run = greedy if cfg.num_beams == 1 else beam_search
-    if cfg.copy:
-        from rag.copying import CopyStepper
-
-        W = cfg.num_beams
-        stepper = CopyStepper(stepper, [s for s in spans for _ in range(W)], gen.eos_ids, gen.token_text,
-                              [q for q in questions for _ in range(W)], cfg.max_answer_words)
     with torch.inference_mode():
         return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
 
@@ -202,9 +193,7 @@ def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator, spans=None,
 def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
     """RAG-token decoding: a search over the marginal next-token distribution (eq. 2)."""
     B, K = doc_lp.shape
-    source = ctx.copy_from or ctx.passages
-    spans = [[gen.span_ids(p) for p in source[b * K : (b + 1) * K]] for b in range(B)] if cfg.copy else None
-    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen, spans, ctx.questions)
+    hyps = search(TokenStepper(gen, ctx, doc_lp, cfg.num_beams), B, cfg, gen)
     return [h[: cfg.num_return_sequences] for h in hyps]
 
 
@@ -237,9 +226,7 @@ def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decod
     "thorough" (every hypothesis scored under every passage) or "fast" (p(y|x,z) = 0 outside z's beam)."""
     B, K = doc_lp.shape
     rows = torch.arange(B * K, device=doc_lp.device)
-    spans = [[gen.span_ids(p)] for p in ctx.copy_from or ctx.passages] if cfg.copy else None
-    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen, spans,
-                     [q for q in ctx.questions for _ in range(K)])
+    per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen)
     forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     out = []
     for b in range(B):

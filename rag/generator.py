@@ -30,7 +30,6 @@ class Contexts:
     attention_mask: torch.Tensor  # (R, S)
     passages: list = field(default_factory=list)  # (R,) the passage of each row (None: the question alone)
     questions: list = field(default_factory=list)  # (B,) the questions, rows b*K .. b*K+K-1 being question b's
-    copy_from: list | None = None  # (R,) what copying may take from each row (None: its passage)
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
     cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row
@@ -161,22 +160,6 @@ class Generator(nn.Module):
                         self.cfg.max_question_length)
             self.__dict__["_warned_long"] = True
         return out
-
-    def token_text(self, token: int) -> str:
-        """One token's text (cached: copying asks for the same few hundred tokens again and again)."""
-        cache = self.__dict__.setdefault("_token_texts", {})
-        if token not in cache:
-            cache[token] = self.tokenizer.decode([token])
-        return cache[token]
-
-    def span_ids(self, passage: Passage | None) -> list[int]:
-        """Token ids of a passage's title and text as an answer would spell them (after a space), for copying."""
-        if passage is None:
-            return []
-        text = self.truncate(passage.text)
-        title = " " + _clean_title(passage.title)
-        # a passage cut to nothing by copy_sentences leaves its title alone, without the colon that joins it
-        return self.tokenizer(title + ": " + text if text else title, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.eos_ids and i != self.pad_id],

@@ -107,11 +107,6 @@ class RagModel(nn.Module):
                  retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:
         retrieved = retrieved or self.retriever(questions, n_docs)
         ctx = self.contexts(questions, retrieved)
-        if cfg.copy and cfg.copy_sentences:
-            from rag.copying import focus_sentences
-
-            ctx.copy_from = focus_sentences(questions, ctx.passages, self.retriever, self.generator.truncate,
-                                            cfg.copy_sentences)
         doc_lp = self.doc_logprobs(retrieved.doc_scores)
         run = decoding.rag_token if mode == "token" else decoding.rag_sequence
         hyps = run(self.generator, ctx, doc_lp, cfg)

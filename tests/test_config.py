@@ -48,9 +48,7 @@ def test_missing_and_bad_files(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("n_docs=0", "n_docs: 0 is out of range; it must be >= 1"),
     ("decoding.num_beams=0", "num_beams: 0 is out of range"),
-    ("decoding.max_answer_words=-1", "max_answer_words: -1 is out of range"),
     ("decoding.length_penalty=.nan", "length_penalty: nan is out of range"),
-    ("decoding.copy_sentences=-1", "copy_sentences"),
     ("decoding.num_return_sequences=3", "more than num_beams"),
     ("generator.max_target_length=1", "max_target_length"),
 ])
@@ -71,3 +69,13 @@ def test_out_of_range_settings_of_the_other_stages():
         load_config(TrainConfig, None, ["batch_size=0"])
     with pytest.raises(ConfigError, match="label_smoothing"):
         load_config(TrainConfig, None, ["label_smoothing=1.5"])
+
+
+def test_removed_copy_settings_still_load_with_a_warning(caplog):
+    """Extractive decoding was removed; configs and saved models that name its settings still load."""
+    from rag.config import RagConfig, load_config
+
+    cfg = load_config(RagConfig, None, ["decoding.copy=true", "decoding.max_answer_words=5",
+                                        "decoding.copy_sentences=0"])
+    assert cfg.decoding.num_beams == 1
+    assert "decoding.copy=True is no longer a setting" in caplog.text

@@ -219,8 +219,6 @@ def test_bad_paths_and_numbers_are_one_line(tmp_path, cli, tiny_bert, built):
     (["--beams", "-1"], "num_beams"),
     (["--beams", "0"], "num_beams"),
     (["--set", "decoding.max_new_tokens=0"], "max_new_tokens"),
-    (["--set", "decoding.copy_sentences=-1"], "copy_sentences"),
-    (["--set", "decoding.max_answer_words=-1"], "max_answer_words"),
     (["--set", "decoding.length_penalty=nan"], "length_penalty"),
     (["--set", "prior_scale=0"], "prior_scale"),
 ])
