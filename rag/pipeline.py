@@ -181,6 +181,8 @@ class RagPipeline:
         """What is loaded: models, index folder, generation, passages, device."""
         index = self.model.retriever.index
         return {"query_encoder": self.model.retriever.encoder.cfg.name, "generator": self.cfg.generator.name,
+                "adapters": {"query_encoder": self.model.retriever.encoder.cfg.adapter,
+                             "generator": self.cfg.generator.adapter},
                 "index": str(index.folder), "generation": index.generation, "passages": len(index),
                 "index_encoder": index.manifest["encoder"].get("name"), "device": str(self.device),
                 "precision": name_of(self.model.generator.compute_dtype),
