@@ -70,6 +70,7 @@ class Encoder(nn.Module):
         with loading("encoder.name", cfg.name):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        whole = None  # a DPR checkpoint, kept so that save_pretrained writes what AutoModel reads back
         if hasattr(model, "question_encoder") or hasattr(model, "ctx_encoder"):
             # DPR checkpoints wrap a BertModel without a pooler layer: the DPR embedding is its [CLS] vector.
             if getattr(model.config, "projection_dim", 0):
@@ -85,8 +86,8 @@ class Encoder(nn.Module):
 
             model = merge_adapter(model, cfg.adapter, "query_encoder.adapter")
         enc = cls(model, tokenizer, cfg)
-        if "whole" in locals():
-            enc.__dict__["whole"] = whole  # what save_pretrained writes: the DPR checkpoint AutoModel reads back
+        if whole is not None:
+            enc.__dict__["whole"] = whole  # not a submodule: its weights are `model`'s
         return enc.place(cfg.device, cfg.precision)
 
     def place(self, device: str = "auto", precision: str = "auto") -> Encoder:

@@ -115,13 +115,9 @@ TRANSFORMERS = "transformers:"  # `source: transformers:NAME` in a RAG config: t
 def _from_transformers_config(cfg: RagConfig) -> RagConfig:
     """A config naming a transformers RAG checkpoint as its source (configs/rag/rag-token-nq.yaml): the converted
     checkpoint's models, mode and context settings, with the config's index, k, decoding, device and precision."""
-    from rag.transformers_rag import convert, converted_folder
+    from rag.transformers_rag import ensure_converted
 
-    name = cfg.source[len(TRANSFORMERS):].split(" ")[0]
-    folder = converted_folder(name)
-    if not (folder / SAVED_CONFIG).is_file():
-        convert(name, cfg.index, folder)
-    base = load_rag_config(folder)
+    base = load_rag_config(ensure_converted(cfg.source[len(TRANSFORMERS):].split(" ")[0], cfg.index))
     return dataclasses.replace(base, index=cfg.index, build=cfg.build, n_docs=cfg.n_docs, decoding=cfg.decoding,
                                device=cfg.device, faiss_gpu=cfg.faiss_gpu, precision=cfg.precision,
                                prior_scale=cfg.prior_scale)
@@ -162,12 +158,9 @@ class RagPipeline:
         `RagTokenForGeneration.save_pretrained`) over the index folder `index` (DPR passage vectors). It is
         converted once into `folder` (default: under $RAG_CACHE/models) in this project's format; the resolved
         config records the source, and `save_pretrained` of the result writes this project's format."""
-        from rag.transformers_rag import convert, converted_folder
+        from rag.transformers_rag import ensure_converted
 
-        target = Path(folder).expanduser() if folder else converted_folder(str(source))
-        if not (target / SAVED_CONFIG).is_file():
-            convert(str(source), str(index), target)
-        return cls.load(target, (f"index={index}", *overrides))
+        return cls.load(ensure_converted(str(source), str(index), folder), (f"index={index}", *overrides))
 
     @property
     def device(self) -> torch.device:

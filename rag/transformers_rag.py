@@ -26,6 +26,14 @@ def converted_folder(source: str) -> Path:
     return cache_dir() / "models" / (str(source).strip("/").replace("/", "--") + "--converted")
 
 
+def ensure_converted(source: str, index: str, out: str | Path | None = None) -> Path:
+    """The converted folder of `source` (default: `converted_folder`), converting it first if it is not there."""
+    from rag.pipeline import SAVED_CONFIG
+
+    out = Path(out).expanduser() if out else converted_folder(source)
+    return out if (out / SAVED_CONFIG).is_file() else convert(source, index, out)
+
+
 def convert(source: str, index: str, out: str | Path | None = None) -> Path:
     """Convert the transformers RAG checkpoint `source` into a folder `RagPipeline.load` reads; return it."""
     from transformers import AutoConfig, AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
