@@ -1,8 +1,8 @@
 """LoRA adapters (peft) on BERT_q and the generator: added for training, saved alone, merged at load.
 
 A saved adapter is peft's own folder (adapter_config.json + adapter_model.safetensors, no pickle); loading merges
-it into the base weights, so the model keeps the base's classes, shapes and dtype (yet the demo reader decodes
-about 20 % slower merged than without its adapter, not explained yet: README, "The fine-tuned default").
+it into the base weights, so the model keeps the base's classes, shapes, dtype and speed (merged weights no longer
+require grad, which made one torch matmul path copy the LM head: README, "The fine-tuned default").
 """
 
 from __future__ import annotations

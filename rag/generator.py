@@ -313,7 +313,12 @@ class CausalGenerator(Generator):
                         list(questions))
 
     def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
-        extra = {"logits_to_keep": 1} if last_only and self._keeps_logits else {}
+        extra = {}
+        if last_only and self._keeps_logits:
+            # an index, not `1`: the slice h[:, -1:] is not contiguous, and torch's matmul then multiplies it by
+            # the LM head weight expanded and copied per row whenever that weight does not require grad (as after
+            # an adapter merge): 330 ms instead of 4 ms per prompt batch for SmolLM2's 49k x 576 head
+            extra = {"logits_to_keep": torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)}
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                           past_key_values=cache, use_cache=cache is not None or None, **extra)
 

@@ -104,3 +104,21 @@ def test_targets_start_with_a_space_after_an_answer_prefix(tiny_lms):
     tok = plain.tokenizer
     assert plain.target_ids(["Paris"])[0][0, :-1].tolist() == tok("Paris", add_special_tokens=False)["input_ids"]
     assert prefixed.target_ids(["Paris"])[0][0, :-1].tolist() == tok(" Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_the_prompt_pass_gives_the_lm_head_a_contiguous_input(gen):
+    """A non-contiguous h[:, -1:] makes torch's matmul copy a frozen LM head once per row (x80 slower for
+    SmolLM2 after an adapter merge, which leaves no weight requiring grad): the prompt pass must not do that."""
+    if gen.is_seq2seq:
+        pytest.skip("the encoder-decoder prompt pass has no LM head")
+    seen = []
+    head = gen.model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    try:
+        gen.model.requires_grad_(False)
+        with torch.inference_mode():
+            gen.begin(gen.prepare(["which river ?"], [P]), torch.arange(2))
+    finally:
+        hook.remove()
+        gen.model.requires_grad_(True)
+    assert seen == [True]
