@@ -121,4 +121,39 @@ def test_the_prompt_pass_gives_the_lm_head_a_contiguous_input(gen):
     finally:
         hook.remove()
         gen.model.requires_grad_(True)
-    assert seen == [True]
+    assert seen and all(seen)
+
+
+def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkeypatch):
+    """The prompt pass runs rows of similar length together (less padding); every row's output equals that row
+    run alone, unpadded."""
+    from rag.generator import length_groups
+
+    monkeypatch.setattr("rag.generator.GROUP_ROWS", 1)
+    long = Passage("c#0", "c", "Rivers", " ".join(["The Seine and the Thames are rivers."] * 6))
+    ctx = gen.prepare(["which river ?", "what ?"], [[P[0], long], [P[1], P[0]]])
+    lengths = ctx.attention_mask.sum(1)
+    assert len(length_groups(lengths, min_rows=1)) > 1
+    with torch.inference_mode():
+        if gen.is_seq2seq:
+            grouped = gen.encode(ctx)
+        else:
+            _, grouped = gen._prefix(ctx)
+        for r in range(len(lengths)):
+            one = gen.prepare([ctx.questions[r // 2]], [[ctx.passages[r]]])
+            if gen.is_seq2seq:
+                torch.testing.assert_close(grouped[r, : lengths[r]], gen.encode(one)[0], rtol=1e-4, atol=1e-4)
+            else:
+                torch.testing.assert_close(grouped[r], gen._prefix(one)[1][0], rtol=1e-4, atol=1e-4)
+
+
+def test_length_groups_bound_the_padding():
+    from rag.generator import LENGTH_SLACK, length_groups
+
+    lengths = torch.tensor([100, 210, 79, 205, 150, 99, 180, 211])
+    groups = length_groups(lengths, min_rows=1)
+    assert sorted(torch.cat(groups).tolist()) == list(range(8))
+    for g in groups:
+        assert lengths[g].min() >= (1 - LENGTH_SLACK) * lengths[g].max()
+    assert [len(g) for g in length_groups(torch.tensor([7, 7, 7]), min_rows=1)] == [3]
+    assert [len(g) for g in length_groups(lengths, min_rows=3)] == [4, 3, 1]  # 211 210 205 180 | 150 100 99 | 79

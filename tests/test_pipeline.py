@@ -3,6 +3,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from rag.index import IndexFolderError
 from rag.pipeline import Answer, RagPipeline
@@ -36,6 +37,11 @@ def test_batch_equals_one_by_one(pipe):
     single = [pipe.answer(q) for q in qs]
     assert [a.text for a in batch] == [a.text for a in single]
     assert [[p.id for p in a.passages] for a in batch] == [[p.id for p in a.passages] for a in single]
+    # the posteriors come from one teacher-forced pass over the batch's answers of different lengths
+    for a, b in zip(batch, single, strict=True):
+        assert [p.posterior for p in a.passages] == pytest.approx([p.posterior for p in b.passages], abs=1e-5)
+        torch.testing.assert_close(torch.tensor(a.token_posteriors), torch.tensor(b.token_posteriors), atol=1e-5,
+                                   rtol=0)
 
 
 def test_decoding_options(pipe):
