@@ -33,6 +33,7 @@ class Contexts:
     # computed once per row: seq2seq, the encoder output (R, S, H); causal, the prompts' cache and last logits
     encoder_out: Any = None
     cross: Any = None  # seq2seq: per decoder layer, cross-attention (keys, values) of every row
+    shared: int = 0  # causal: the first `shared` columns are one prefix of every row (the system prompt)
 
 
 @dataclass
@@ -60,6 +61,14 @@ def length_groups(lengths: torch.Tensor, slack: float = LENGTH_SLACK, min_rows: 
         else:
             groups.append([i])
     return [torch.tensor(g, device=lengths.device) for g in groups]
+
+
+def shared_prefix(ids: list[list[int]]) -> int:
+    """How many leading tokens all rows have in common, leaving every row at least one of its own."""
+    n, limit = 0, min(len(x) for x in ids) - 1
+    while n < limit and all(x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
 
 
 def by_length(mask: torch.Tensor, run, left: bool) -> list:
@@ -347,14 +356,19 @@ class CausalGenerator(Generator):
         questions = self.clip_questions(questions)
         texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         ids = [self.tokenizer(t, add_special_tokens=not self.use_chat)["input_ids"] for t in texts]
+        # [shared prefix | left padding | the rest]: every prompt ends where the answer starts, and the prefix
+        # every row begins with (chat header and system prompt, 19 of ~160 tokens in the demo) is run once
+        shared = shared_prefix(ids)
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):  # left padding: every prompt ends where the answer starts
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
+        input_ids[:, :shared] = torch.tensor(ids[0][:shared])
+        mask[:, :shared] = 1
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x) + shared:] = torch.tensor(x[shared:])
+            mask[i, width - len(x) + shared:] = 1
         return Contexts(input_ids.to(self.device), mask.to(self.device), [p for ps in passages for p in ps],
-                        list(questions))
+                        list(questions), shared=shared)
 
     def _forward(self, input_ids, mask, positions, cache=None, last_only: bool = False):
         extra = {}
@@ -372,15 +386,27 @@ class CausalGenerator(Generator):
         if ctx.encoder_out is None:
             from transformers import DynamicCache
 
-            def run(rows, width):  # left padding: a row's tokens are its last `width` columns
-                mask = ctx.attention_mask[rows, -width:]
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
-                # only the last prompt position's logits are needed: no (R, S, V) LM-head output for the prompts
-                out = self._forward(ctx.input_ids[rows, -width:], mask, positions, DynamicCache(), last_only=True)
-                layers = out.past_key_values.layers
-                return [(out.logits[:, -1], None)] + [(t, 2) for layer in layers for t in (layer.keys, layer.values)]
+            P = ctx.shared
+            head = []  # per layer, keys and values of the shared prefix, (1, heads, P, dim)
+            if P:
+                ones = ctx.attention_mask[:1, :P]
+                out = self._forward(ctx.input_ids[:1, :P], ones, ones.cumsum(1) - 1, DynamicCache())
+                head = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
 
-            last, *kv = by_length(ctx.attention_mask, run, left=True)
+            def run(rows, width):  # left padding: a row's own tokens are its last `width` columns
+                mask = torch.cat([ctx.attention_mask[rows, :P], ctx.attention_mask[rows, -width:]], 1)
+                positions = (mask.cumsum(1) - 1).clamp(min=0)[:, P:]
+                cache = DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                                                     for k, v in zip(head[0::2], head[1::2], strict=True)] or None)
+                # only the last prompt position's logits are needed: no (R, S, V) LM-head output for the prompts
+                out = self._forward(ctx.input_ids[rows, -width:], mask, positions, cache, last_only=True)
+                layers = out.past_key_values.layers
+                return [(out.logits[:, -1], None)] + [(t[:, :, P:], 2) for layer in layers
+                                                      for t in (layer.keys, layer.values)]
+
+            last, *kv = by_length(ctx.attention_mask[:, P:], run, left=True)
+            if P:
+                kv = [torch.cat([h.expand(len(t), -1, -1, -1), t], 2) for h, t in zip(head, kv, strict=True)]
             ctx.encoder_out = (list(zip(kv[0::2], kv[1::2], strict=True)), last)
         return ctx.encoder_out
 

@@ -134,6 +134,8 @@ def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkey
     ctx = gen.prepare(["which river ?", "what ?"], [[P[0], long], [P[1], P[0]]])
     lengths = ctx.attention_mask.sum(1)
     assert len(length_groups(lengths, min_rows=1)) > 1
+    if not gen.is_seq2seq and gen.use_chat:
+        assert ctx.shared > 0  # the chat header and system prompt run once for all rows
     with torch.inference_mode():
         if gen.is_seq2seq:
             grouped = gen.encode(ctx)
@@ -157,3 +159,12 @@ def test_length_groups_bound_the_padding():
         assert lengths[g].min() >= (1 - LENGTH_SLACK) * lengths[g].max()
     assert [len(g) for g in length_groups(torch.tensor([7, 7, 7]), min_rows=1)] == [3]
     assert [len(g) for g in length_groups(lengths, min_rows=3)] == [4, 3, 1]  # 211 210 205 180 | 150 100 99 | 79
+
+
+def test_shared_prefix_leaves_every_row_a_token():
+    from rag.generator import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2], [1, 2]]) == 1
+    assert shared_prefix([[7], [8, 9]]) == 0
