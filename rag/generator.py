@@ -357,8 +357,9 @@ class CausalGenerator(Generator):
         texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         ids = [self.tokenizer(t, add_special_tokens=not self.use_chat)["input_ids"] for t in texts]
         # [shared prefix | left padding | the rest]: every prompt ends where the answer starts, and the prefix
-        # every row begins with (chat header and system prompt, 19 of ~160 tokens in the demo) is run once
-        shared = shared_prefix(ids)
+        # every row begins with (chat header and system prompt, 19 of ~160 tokens in the demo) is run once for a
+        # batch; not for one question's few rows, where the extra pass costs what it saves
+        shared = shared_prefix(ids) if len(ids) >= GROUP_ROWS else 0
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
