@@ -25,7 +25,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import machine, table
+from benchmarks.common import NQ_DEV, machine, table
 
 NEW_FACT = "{name} is the mayor of {town}, a town on the river {river}."
 
@@ -193,8 +193,7 @@ def main() -> None:
     from rag.qa_data import read_qa
     from rag.weights import expand_path
 
-    questions = [e.question for e in read_qa(Path(__file__).resolve().parents[1].parent / "shared/data/qa/"
-                                             "nq-open.dev.jsonl")[:200]]
+    questions = [e.question for e in read_qa(NQ_DEV)[:200]]
     cfg = load_rag_config(None)
     ensure_index(cfg)
     demo = expand_path(cfg.index)

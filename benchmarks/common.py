@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
+
+NQ_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "qa" / "nq-open.dev.jsonl"  # ../shared/data/qa
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
