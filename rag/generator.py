@@ -72,9 +72,9 @@ def shared_prefix(ids: list[list[int]]) -> int:
 
 
 def by_length(mask: torch.Tensor, run, left: bool) -> list:
-    """`run(rows, width)` on each length group of `mask`'s rows (each trimmed to its own width on the padded
-    side), every tensor it returns (R_g, ..., w, ...) padded back to the full width on dim `run.dim` and the rows
-    put back in order. `run` returns a list of (tensor, its width dim, or None for a tensor of one row each)."""
+    """`run(rows, width)` on each length group of `mask`'s rows (trimmed to the group's width on the padded side);
+    `run` returns a list of (tensor, its width dim or None); each tensor comes back padded to the full width on that
+    dim (on the left or the right, as the rows are padded), the groups joined and the rows in their first order."""
     width = mask.shape[1]
     groups = length_groups(mask.sum(1), LENGTH_SLACK, GROUP_ROWS)
     parts = [run(g, int(mask[g].sum(1).max())) for g in groups]
