@@ -60,6 +60,11 @@ class TokenStepper:
         rows = (index[:, None] * self.K + torch.arange(self.K, device=index.device)[None, :]).reshape(-1)
         self.gen.reorder(self.state, rows)
 
+    def keep(self, index: torch.Tensor) -> None:
+        """Go on with the questions `index` only (the others have finished)."""
+        self.doc_lp = self.doc_lp[index]
+        self.reorder(index)
+
 
 class RowStepper:
     """Plain decoding of each context row on its own (RAG-sequence's beam per passage): B·K "questions"."""
@@ -78,6 +83,8 @@ class RowStepper:
     def reorder(self, index: torch.Tensor) -> None:
         self.gen.reorder(self.state, index)
 
+    keep = reorder
+
 
 def _process(lp: torch.Tensor, generated: int, cfg: DecodingConfig, eos: list[int], forced_bos: int | None):
     """Logits processors: forced first token, minimum length (EOS barred until min_new_tokens)."""
@@ -94,20 +101,25 @@ def _process(lp: torch.Tensor, generated: int, cfg: DecodingConfig, eos: list[in
 def greedy(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
            forced_bos: int | None = None) -> list[list[Hypothesis]]:
     lp = stepper.start()
-    eos_t = torch.tensor(eos, device=lp.device)
-    tokens, total = [], torch.zeros(batch, device=lp.device)
-    unfinished = torch.ones(batch, dtype=torch.bool, device=lp.device)
+    dev = lp.device
+    eos_t = torch.tensor(eos, device=dev)
+    tokens = torch.full((batch, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
+    total = torch.zeros(batch, device=dev)
+    alive = torch.arange(batch, device=dev)  # the questions still decoding; finished ones leave the batch
     for t in range(cfg.max_new_tokens):
         lp = _process(lp, t, cfg, eos, forced_bos)
-        best = lp.argmax(-1)  # (B,)
-        total += torch.where(unfinished, lp.gather(1, best[:, None]).squeeze(1), 0.0)
-        best = torch.where(unfinished, best, pad)
-        tokens.append(best)
-        unfinished &= ~torch.isin(best, eos_t)
-        if not unfinished.any() or t + 1 == cfg.max_new_tokens:
+        best = lp.argmax(-1)  # (A,)
+        total[alive] += lp.gather(1, best[:, None]).squeeze(1)
+        tokens[alive, t] = best
+        going = ~torch.isin(best, eos_t)
+        if not going.any() or t + 1 == cfg.max_new_tokens:
             break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            stepper.keep(keep)
+            alive, best = alive[keep], best[keep]
         lp = stepper.step(best)
-    seqs = torch.stack(tokens, 1).tolist()  # (B, L)
+    seqs = tokens[:, : t + 1].tolist()  # (B, L)
     out = []
     for b, seq in enumerate(seqs):
         n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))

@@ -312,13 +312,18 @@ class Seq2SeqGenerator(Generator):
         return out.logits[:, -1]
 
     def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
-        """Select decoding rows. Rows moved by `index` keep their context row, so the cross-attention cache
-        (a function of the context alone) is left as it is: only the self-attention cache is gathered."""
-        if not torch.equal(state.rows[index], state.rows):
-            raise ValueError("reorder must keep every row on its own context")
+        """Select decoding rows. Beams moved by `index` keep their context row, so the cross-attention cache (a
+        function of the context alone) is left as it is; rows dropped (finished questions) take it along."""
         cache = state.cache
-        self_cache = getattr(cache, "self_attention_cache", cache)
-        self_cache.reorder_cache(index)
+        if torch.equal(state.rows[index], state.rows):
+            getattr(cache, "self_attention_cache", cache).reorder_cache(index)
+            return
+        cache.reorder_cache(index)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden, mask = state.extra["encoder_out"]
+        state.extra["encoder_out"] = (BaseModelOutput(last_hidden_state=hidden.last_hidden_state[index]), mask[index])
+        state.rows = state.rows[index]
 
 
 class CausalGenerator(Generator):

@@ -97,3 +97,27 @@ def test_rescoring_in_passes_equals_one_pass(setup, monkeypatch):
     assert all(len(hs) > 1 for hs in whole)  # several hypotheses were rescored
     for a, b in zip(whole, passes, strict=True):
         assert torch.allclose(torch.tensor([h.score for h in a]), torch.tensor([h.score for h in b]), atol=1e-5)
+
+
+def test_greedy_lets_finished_questions_leave_the_batch(monkeypatch):
+    """Questions that emitted EOS stop being decoded (their rows leave the cache); the others' tokens are those of
+    transformers' generate, which decodes every row to the end."""
+    gen = tiny_seq2seq_generator()
+    ids, mask, doc_scores = random_contexts(4, K)
+    kept = []
+    keep = decoding.TokenStepper.keep
+    monkeypatch.setattr(decoding.TokenStepper, "keep", lambda self, index: (kept.append(index.tolist()),
+                                                                              keep(self, index))[1])
+    for bias in torch.linspace(0, 6, 13).tolist():  # an EOS bias at which the 4 questions finish at different steps
+        gen.model.final_logits_bias[0, 2] = bias
+        kept.clear()
+        ours = decoding.rag_token(gen, Contexts(ids, mask), doc_logprobs(doc_scores),
+                                  DecodingConfig(num_beams=1, max_new_tokens=NEW))
+        if len({len(h[0].tokens) for h in ours}) > 2:
+            break
+    assert kept, "no EOS bias made the questions finish at different steps"
+    with torch.no_grad():
+        expected = hf_rag(gen.model, "token", K).generate(context_input_ids=ids, context_attention_mask=mask,
+                                                          doc_scores=doc_scores, n_docs=K, num_beams=1,
+                                                          max_length=NEW + 1)
+    assert [h[0].tokens for h in ours] == [strip(r) for r in expected.tolist()]
