@@ -209,27 +209,31 @@ def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decoding
     return [h[: cfg.num_return_sequences] for h in hyps]
 
 
-def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int,
-                     hyps: list[tuple[int, ...]], forced_bos: int | None) -> torch.Tensor:
-    """log p(y|x) = log Σ_z p(z|x) p(y|x,z) for each hypothesis under all K passages of question b -> (C,).
-
-    Teacher-forced decoder passes over the C·K (hypothesis, passage) pairs, `RESCORE_ROWS` rows at a time; the
-    encoder outputs (prompt caches) are reused.
-    """
-    K = doc_lp.shape[1]
-    targets, mask = gen.pad(hyps)  # (C, T), (C, T)
-    width = targets.shape[1]
-    if forced_bos is not None and all(h and h[0] == forced_bos for h in hyps):
-        mask[:, 0] = 0  # a forced first token carries no evidence (transformers' exclude_bos_score)
-    per_pass = max(1, RESCORE_ROWS // K)  # hypotheses per pass
+def answer_logprobs(gen: Generator, ctx: Contexts, K: int, questions: list[int], targets: torch.Tensor) -> torch.Tensor:
+    """log p(y_t | x, z, y_<t) of each answer (C, T), padded at the end, under all K passages of its question
+    `questions[c]` -> (C, K, T): teacher-forced decoder passes over the C·K (answer, passage) pairs, `RESCORE_ROWS`
+    rows at a time, reusing the encoder outputs (prompt caches). Padding at the end changes no earlier position."""
+    per_pass = max(1, RESCORE_ROWS // K)  # answers per pass
+    passages = torch.arange(K, device=targets.device)
     parts = []
     with torch.inference_mode():
-        for s in range(0, len(hyps), per_pass):
+        for s in range(0, len(targets), per_pass):
             part = targets[s : s + per_pass]  # (c, T)
-            rows = (b * K + torch.arange(K, device=doc_lp.device)).repeat(len(part))  # (c·K,)
+            rows = (torch.tensor(questions[s : s + per_pass], device=targets.device)[:, None] * K
+                    + passages[None, :]).reshape(-1)  # (c·K,)
             lp, _, _ = gen.target_logprobs(ctx, rows, part.repeat_interleave(K, 0))  # (c·K, T)
-            parts.append(lp.view(len(part), K, width))  # (c, K, T)
-    lp = torch.cat(parts)  # (C, K, T)
+            parts.append(lp.view(len(part), K, -1))  # (c, K, T)
+    return torch.cat(parts)
+
+
+def score_hypotheses(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, b: int,
+                     hyps: list[tuple[int, ...]], forced_bos: int | None) -> torch.Tensor:
+    """log p(y|x) = log Σ_z p(z|x) p(y|x,z) for each hypothesis under all K passages of question b -> (C,)."""
+    K = doc_lp.shape[1]
+    targets, mask = gen.pad(hyps)  # (C, T), (C, T)
+    if forced_bos is not None and all(h and h[0] == forced_bos for h in hyps):
+        mask[:, 0] = 0  # a forced first token carries no evidence (transformers' exclude_bos_score)
+    lp = answer_logprobs(gen, ctx, K, [b] * len(hyps), targets)  # (C, K, T)
     return sequence_logprob(lp, doc_lp[b][None, :].expand(len(hyps), K), mask)  # (C,) eq. 1
 
 

@@ -116,26 +116,21 @@ class RagModel(nn.Module):
 
     def _explain(self, ctx: Contexts, doc_lp: torch.Tensor, retrieved: Retrieved,
                  pairs: list[tuple[int, decoding.Hypothesis]]) -> list[Generated]:
-        """Posteriors of each (question, answer): teacher-forced passes of the answers' tokens under their
-        questions' K passages, `RESCORE_ROWS` rows a pass (one pass for a whole served batch, not one per answer)."""
+        """Posteriors of each (question, answer), from one set of teacher-forced passes over all the answers (a
+        whole served batch at once, not one pass per answer)."""
         K = doc_lp.shape[1]
         tokens = [list(h.tokens) or [self.generator.eos_id] for _, h in pairs]
-        per_pass = max(1, decoding.RESCORE_ROWS // K)
+        targets, _ = self.generator.pad(tokens)
+        lp = decoding.answer_logprobs(self.generator, ctx, K, [b for b, _ in pairs], targets)  # (C, K, T)
         out = []
-        for s in range(0, len(pairs), per_pass):
-            part = range(s, min(s + per_pass, len(pairs)))
-            targets, _ = self.generator.pad([tokens[i] for i in part])  # (c, T): causal, so padding changes nothing
-            rows = torch.cat([pairs[i][0] * K + torch.arange(K, device=doc_lp.device) for i in part])
-            lp, _, _ = self.generator.target_logprobs(ctx, rows, targets.repeat_interleave(K, 0))  # (c·K, T)
-            for j, i in enumerate(part):
-                b, hyp = pairs[i]
-                one = lp[j * K : (j + 1) * K, : len(tokens[i])][None]  # (1, K, T_i)
-                mask = torch.ones(1, len(tokens[i]), device=doc_lp.device)
-                post = marginal.sequence_posteriors(one, doc_lp[b : b + 1], mask)[0]
-                tok_post = marginal.token_posteriors(one, doc_lp[b : b + 1])[0].T  # (T, K)
-                out.append(Generated(
-                    tokens=tuple(hyp.tokens), text=self.generator.decode(list(hyp.tokens)), score=hyp.score,
-                    doc_scores=tuple(retrieved.doc_scores[b].tolist()), prior=tuple(doc_lp[b].exp().tolist()),
-                    posterior=tuple(post.tolist()), token_posteriors=tuple(tuple(r) for r in tok_post.tolist()),
-                ))
+        for i, (b, hyp) in enumerate(pairs):
+            one = lp[i : i + 1, :, : len(tokens[i])]  # (1, K, T_i)
+            mask = torch.ones(1, len(tokens[i]), device=doc_lp.device)
+            post = marginal.sequence_posteriors(one, doc_lp[b : b + 1], mask)[0]
+            tok_post = marginal.token_posteriors(one, doc_lp[b : b + 1])[0].T  # (T, K)
+            out.append(Generated(
+                tokens=tuple(hyp.tokens), text=self.generator.decode(list(hyp.tokens)), score=hyp.score,
+                doc_scores=tuple(retrieved.doc_scores[b].tolist()), prior=tuple(doc_lp[b].exp().tolist()),
+                posterior=tuple(post.tolist()), token_posteriors=tuple(tuple(r) for r in tok_post.tolist()),
+            ))
         return out
