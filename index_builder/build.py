@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from rag.config import BuildConfig, save_config
 from rag.encoders import encoder_record
 from rag.errors import RagError
+from rag.files import save_npy, write_json_atomic, writing
 from rag.index import build_faiss, factory_string
 from rag.index_folder import (
     INDEX_FILE,
@@ -30,7 +32,7 @@ from rag.index_folder import (
     STORE_FILE,
     VECTORS_FILE,
     IndexFolder,
-    write_json_atomic,
+    refuse_link,
 )
 from rag.passages import ReadReport, iter_passages
 from rag.precision import name_of
@@ -146,13 +148,12 @@ def _write_passages(out: Path, cfg: BuildConfig, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     report = ReadReport()
-    tmp = out / (STORE_FILE + ".tmp")
-    with StoreWriter(tmp) as writer, tqdm(unit="passage", desc="passages", disable=not progress) as bar:
-        for p in iter_passages(cfg.corpus, cfg.passages, report):
-            writer.add([p])
-            bar.update(1)
-    _refuse_duplicate_ids(tmp, cfg)
-    os.replace(tmp, out / STORE_FILE)
+    with writing(out / STORE_FILE) as tmp:
+        with StoreWriter(tmp) as writer, tqdm(unit="passage", desc="passages", disable=not progress) as bar:
+            for p in iter_passages(cfg.corpus, cfg.passages, report):
+                writer.add([p])
+                bar.update(1)
+        _refuse_duplicate_ids(tmp, cfg)
     if report.passages_written == 0:
         raise BuildError(f"the corpus gave no passages ({asdict(report)}); check corpus.path and corpus.format")
     return asdict(report)
@@ -200,22 +201,17 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
         titles = store.column("title", start, stop)
         texts = store.column("text", start, stop)
         vecs = encoder.encode(texts, titles, progress=f"encode shard {i + 1}/{len(ranges)}" if progress else False)
-        path = _shard_path(out, i)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, vecs.astype(cfg.index.vector_dtype))
-        os.replace(tmp, path)  # a shard exists only once it is whole
+        save_npy(_shard_path(out, i), vecs.astype(cfg.index.vector_dtype))  # a shard exists only once it is whole
     return {"fingerprint": encoder.fingerprint, "precision": name_of(encoder.compute_dtype)}
 
 
 def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
-    tmp = out / (VECTORS_FILE + ".tmp")
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=cfg.index.vector_dtype, shape=(count, dim))
-    for i, (start, stop) in enumerate(shard_ranges(count, cfg.index.shard_size)):
-        merged[start:stop] = np.load(_shard_path(out, i), mmap_mode="r")
-    merged.flush()
-    del merged
-    os.replace(tmp, out / VECTORS_FILE)
+    with writing(out / VECTORS_FILE) as tmp:
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=cfg.index.vector_dtype, shape=(count, dim))
+        for i, (start, stop) in enumerate(shard_ranges(count, cfg.index.shard_size)):
+            merged[start:stop] = np.load(_shard_path(out, i), mmap_mode="r")
+        merged.flush()
+        del merged
     shutil.rmtree(out / SHARDS)
 
 
@@ -255,7 +251,7 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
         n_shards = len(shard_ranges(count, cfg.index.shard_size))
         mine = np.array_split(np.arange(n_shards), dist.num_processes)[dist.process_index].tolist()
         device = str(dist.device) if dist.num_processes > 1 and cfg.encoder.device == "auto" else None
-        (out / SHARDS).mkdir(exist_ok=True)
+        IndexFolder(out).make_shards()
         encoded = _encode_shards(out, cfg, mine, count, device, progress and dist.is_local_main_process)
         dist.wait_for_everyone()
         if dist.is_main_process:
@@ -279,14 +275,15 @@ def _overwrite(cfg: BuildConfig, out: Path, dist, progress: bool) -> Path:
         raise BuildError(f"{out} is not an index build (no {MANIFEST} or {STATE_FILE}); --overwrite replaces only "
                          "index folders: choose another output folder")
     staging = out.with_name(f".{out.name}.new")
+    refuse_link(staging)
     if dist.is_main_process and is_build(staging) and _saved_identity(staging) != identity(cfg):
         shutil.rmtree(staging)  # a staging build of another config, left by a failed overwrite: ours to remove
     dist.wait_for_everyone()
     build(replace(cfg, output=str(staging)), overwrite=False, progress=progress)
     if dist.is_main_process:
         with IndexFolder(out).lock():  # no update or compact runs on the old index while it is replaced
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A fresh empty folder of our own to rename the old index onto: nothing else of that name is touched.
+            old = tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)
             os.replace(out, old)
             os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -302,8 +299,8 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
     if "index" not in state["stages"]:
         t = time.perf_counter()
         index, extra = build_faiss(vectors, cfg.index, progress)
-        faiss.write_index(index, str(out / (INDEX_FILE + ".tmp")))
-        os.replace(out / (INDEX_FILE + ".tmp"), out / INDEX_FILE)
+        with writing(out / INDEX_FILE) as tmp:
+            faiss.write_index(index, str(tmp))
         state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
         _save_state(out, state)
     stages = state["stages"]

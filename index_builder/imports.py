@@ -12,7 +12,6 @@ hashed, so its fingerprint is "imported".
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,15 @@ from index_builder.build import (
     _check_folder,
     _finish,
     _merge_shards,
+    _refuse_duplicate_ids,
     _save_state,
     _shard_path,
     corpus_fingerprint,
     identity,
 )
 from rag.config import BuildConfig, save_config
-from rag.index_folder import SHARDS, STORE_FILE, IndexFolder
+from rag.files import save_npy, writing
+from rag.index_folder import STORE_FILE, IndexFolder
 from rag.passages import Passage
 from rag.store import StoreWriter
 
@@ -73,37 +74,34 @@ def _passages_and_shards(out: Path, cfg: BuildConfig, progress: bool) -> tuple[i
     """One pass over the source: the passage store, and every vector shard not yet on disk."""
     from tqdm.auto import tqdm
 
-    (out / SHARDS).mkdir(exist_ok=True)
-    tmp = out / (STORE_FILE + ".tmp")
+    IndexFolder(out).make_shards()
     size, count, dim, shard = cfg.index.shard_size, 0, None, 0
     pending_vecs: list[np.ndarray] = []
-    with StoreWriter(tmp) as writer, tqdm(unit="passage", desc="import", disable=not progress) as bar:
-        for ids, titles, texts, vecs in _batches(cfg):
-            if dim is None:
-                dim = vecs.shape[1]
-            elif vecs.shape[1] != dim:
-                raise BuildError(f"{cfg.corpus.path}: vectors of dimension {vecs.shape[1]} after {count} rows of "
-                                 f"dimension {dim}")
-            if not np.isfinite(vecs).all():
-                raise BuildError(f"{cfg.corpus.path}: NaN or infinite values in the vectors of rows "
-                                 f"{count}-{count + len(vecs) - 1}")
-            rows = [Passage(str(i), str(i), t or "", x or "") for i, t, x in zip(ids, titles, texts, strict=True)]
-            writer.add(rows)
-            pending_vecs.append(vecs)
-            count += len(rows)
-            bar.update(len(rows))
-            while sum(len(v) for v in pending_vecs) >= size:
-                block = np.concatenate(pending_vecs)
-                _write_shard(out, shard, block[:size], cfg)
-                pending_vecs, shard = [block[size:]], shard + 1
-        if pending_vecs and sum(len(v) for v in pending_vecs):
-            _write_shard(out, shard, np.concatenate(pending_vecs), cfg)
-    if count == 0:
-        raise BuildError(f"{cfg.corpus.path}: no passages to import")
-    from index_builder.build import _refuse_duplicate_ids
-
-    _refuse_duplicate_ids(tmp, cfg)
-    os.replace(tmp, out / STORE_FILE)
+    with writing(out / STORE_FILE) as tmp:
+        with StoreWriter(tmp) as writer, tqdm(unit="passage", desc="import", disable=not progress) as bar:
+            for ids, titles, texts, vecs in _batches(cfg):
+                if dim is None:
+                    dim = vecs.shape[1]
+                elif vecs.shape[1] != dim:
+                    raise BuildError(f"{cfg.corpus.path}: vectors of dimension {vecs.shape[1]} after {count} rows "
+                                     f"of dimension {dim}")
+                if not np.isfinite(vecs).all():
+                    raise BuildError(f"{cfg.corpus.path}: NaN or infinite values in the vectors of rows "
+                                     f"{count}-{count + len(vecs) - 1}")
+                rows = [Passage(str(i), str(i), t or "", x or "") for i, t, x in zip(ids, titles, texts, strict=True)]
+                writer.add(rows)
+                pending_vecs.append(vecs)
+                count += len(rows)
+                bar.update(len(rows))
+                while sum(len(v) for v in pending_vecs) >= size:
+                    block = np.concatenate(pending_vecs)
+                    _write_shard(out, shard, block[:size], cfg)
+                    pending_vecs, shard = [block[size:]], shard + 1
+            if pending_vecs and sum(len(v) for v in pending_vecs):
+                _write_shard(out, shard, np.concatenate(pending_vecs), cfg)
+        if count == 0:
+            raise BuildError(f"{cfg.corpus.path}: no passages to import")
+        _refuse_duplicate_ids(tmp, cfg)
     return count, dim
 
 
@@ -111,10 +109,7 @@ def _write_shard(out: Path, i: int, vecs: np.ndarray, cfg: BuildConfig) -> None:
     path = _shard_path(out, i)
     if path.is_file():  # written whole by an earlier, killed run
         return
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, vecs.astype(cfg.index.vector_dtype))
-    os.replace(tmp, path)
+    save_npy(path, vecs.astype(cfg.index.vector_dtype))
 
 
 def _batches(cfg: BuildConfig) -> Iterator[tuple[list, list, list, np.ndarray]]:

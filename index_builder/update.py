@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.encoders import Encoder
 from rag.errors import RagError
+from rag.files import save_npy, writing
 from rag.index import DenseIndex, augment, build_faiss, factory_string
 from rag.index_folder import DELETED_FILE, INDEX_FILE, STORE_FILE, VECTORS_FILE, IndexFolder
 from rag.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
@@ -149,10 +150,9 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
             vecs = encoder.encode([p.text for p in passages], [p.title for p in passages],
                                   progress="encode new passages" if progress else False)
             store_name, vec_name = where.generation_name(STORE_FILE, gen), where.generation_name(VECTORS_FILE, gen)
-            with StoreWriter(where.file(store_name)) as w:
+            with writing(where.file(store_name)) as tmp, StoreWriter(tmp) as w:
                 w.add(passages)
-            with open(where.file(vec_name), "wb") as f:
-                np.save(f, vecs.astype(cfg.index.vector_dtype))
+            save_npy(where.file(vec_name), vecs.astype(cfg.index.vector_dtype))
             segments.append({"store": store_name, "vectors": vec_name, "rows": len(passages)})
             norm2 = manifest["index"].get("mips_norm2")
             if norm2 is not None and float(np.einsum("nd,nd->n", vecs, vecs).max()) > norm2 * (1 + 1e-6):
@@ -166,12 +166,13 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
                 report.warnings.append(warning)
             index.add(augment(vecs, norm2))
         index_name = where.generation_name(INDEX_FILE, gen)
-        faiss.write_index(index, str(where.file(index_name)))
+        with writing(where.file(index_name)) as tmp:
+            faiss.write_index(index, str(tmp))
         deleted = np.union1d(current.deleted, removed_rows).astype(np.int64)
         deleted_name = None
         if len(deleted):
             deleted_name = where.generation_name(DELETED_FILE, gen)
-            np.save(where.file(deleted_name), deleted)
+            save_npy(where.file(deleted_name), deleted)
         report.seconds = time.perf_counter() - t0
         new_manifest = where.next_manifest(
             manifest, segments=segments, index_file=index_name, deleted_file=deleted_name, deleted=len(deleted),
@@ -198,14 +199,16 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
         keep = np.setdiff1d(np.arange(current.index.ntotal), current.deleted)
         store_name, vec_name, index_name = (where.generation_name(n, gen) for n in (STORE_FILE, VECTORS_FILE,
                                                                                    INDEX_FILE))
-        with StoreWriter(where.file(store_name)) as w:
+        with writing(where.file(store_name)) as tmp, StoreWriter(tmp) as w:
             for s in range(0, len(keep), 10_000):
                 w.add(p for p in current.passages(keep[s : s + 10_000]))
-        vectors = np.lib.format.open_memmap(where.file(vec_name), mode="w+", dtype=current.vectors.dtype,
-                                            shape=(len(keep), current.dim))
-        for s in range(0, len(keep), 50_000):
-            vectors[s : s + 50_000] = current.vectors[keep[s : s + 50_000]]
-        vectors.flush()
+        with writing(where.file(vec_name)) as tmp:
+            vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=current.vectors.dtype,
+                                                shape=(len(keep), current.dim))
+            for s in range(0, len(keep), 50_000):
+                vectors[s : s + 50_000] = current.vectors[keep[s : s + 50_000]]
+            vectors.flush()
+        vectors = np.load(where.file(vec_name), mmap_mode="r")
         cfg = IndexConfig(**{**asdict(current.cfg), **(index or {})})
         if cfg.type == "ivfpq" and not retrain and not index:
             index = faiss.read_index(str(where.file(where.layout(manifest)["index_file"])))
@@ -216,7 +219,8 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
         else:
             index, extra = build_faiss(vectors, cfg, progress)
             norm2 = extra["mips_norm2"]
-        faiss.write_index(index, str(where.file(index_name)))
+        with writing(where.file(index_name)) as tmp:
+            faiss.write_index(index, str(tmp))
         del vectors
         new = where.next_manifest(
             manifest, segments=[{"store": store_name, "vectors": vec_name, "rows": int(len(keep))}],

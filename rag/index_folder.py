@@ -21,11 +21,13 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from rag.errors import RagError
+from rag.files import TEMP_NAME, write_json_atomic
 from rag.weights import expand_path
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    refuse_link(path)
+    return {"bytes": path.lstat().st_size, "sha256": sha256_file(path)}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def refuse_link(path: Path) -> None:
+    """A part of an index folder must be the folder's own file or folder, never a symbolic link (it could point
+    anywhere: reading it would serve another file, writing into it would write elsewhere)."""
+    if path.is_symlink():
+        raise IndexFolderError(f"{path} is a symbolic link; an index folder's parts must be its own files and "
+                               "folders: remove the link (or rebuild the index) and run the command again")
 
 
 def now() -> str:
@@ -136,6 +141,13 @@ class IndexFolder:
     def shard_path(self, i: int) -> Path:
         return self.path / SHARDS / f"{i:05d}.npy"
 
+    def make_shards(self) -> Path:
+        """The build's shard folder, created if missing; refused if it is a link."""
+        path = self.path / SHARDS
+        refuse_link(path)
+        path.mkdir(exist_ok=True)
+        return path
+
     def is_built(self) -> bool:
         return self.manifest_path.is_file()
 
@@ -144,6 +156,7 @@ class IndexFolder:
         if not self.path.is_dir():
             raise IndexFolderError(f"index folder {self.path} does not exist; {BUILD_HINT}")
         path = self.manifest_path
+        refuse_link(path)
         if not path.is_file() and self.state_path.is_file():
             raise IndexFolderError(f"{self.path} holds an unfinished build; rerun the same build command to resume it")
         if not path.is_file():
@@ -152,6 +165,8 @@ class IndexFolder:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise IndexFolderError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rebuild with --overwrite") from None
+        except RecursionError:
+            raise IndexFolderError(f"{path}: nested too deep to be a manifest; rebuild with --overwrite") from None
         except (OSError, UnicodeDecodeError) as e:
             raise IndexFolderError(f"{path}: cannot be read ({e}); rebuild with --overwrite") from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION \
@@ -183,12 +198,15 @@ class IndexFolder:
         """Every listed file is there with its recorded size (and, with `verify`, its sha256)."""
         for name, entry in manifest["files"].items():
             path = self.file(name)
+            refuse_link(path)
             if not path.is_file():
-                raise IndexFolderError(f"{path} is missing (listed in {self.manifest_path}); rebuild with --overwrite")
-            if path.stat().st_size != entry["bytes"]:
-                raise IndexFolderError(
-                    f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}; "
-                    "the file is damaged, rebuild with --overwrite")
+                raise IndexFolderError(f"{path} is missing or not a regular file (listed in {self.manifest_path}); "
+                                       "rebuild with --overwrite")
+            size = path.lstat().st_size
+            listed = entry.get("bytes") if isinstance(entry, dict) else entry
+            if size != listed:
+                raise IndexFolderError(f"{path}: size {size} differs from the manifest's {listed!r}; "
+                                       "the file is damaged, rebuild with --overwrite")
             if verify and sha256_file(path) != entry["sha256"]:
                 raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
 
@@ -240,19 +258,23 @@ class IndexFolder:
     def switch(self, old: dict, new: dict) -> None:
         """Make `new` current with one atomic rename, then remove the files only the old generation used (open
         memory maps keep working)."""
+        self.check_files(new)  # every entry a regular file of this folder before it becomes current
         write_json_atomic(self.manifest_path, new)
         for name in set(old["files"]) - set(new["files"]):
             self.file(name).unlink(missing_ok=True)
 
     def sweep(self, manifest: dict) -> list[str]:
         """Remove what a writer killed mid-way left behind: files of an earlier generation that the current
-        manifest no longer names (a kill between `switch`'s rename and its unlinks) and half-written `*.tmp`
-        files. Called by writers under the lock; returns the names removed."""
+        manifest no longer names (a kill between `switch`'s rename and its unlinks), half-written temporaries, and
+        every symbolic link (nothing in an index folder is one; removing a link never touches what it points to).
+        Called by writers under the lock; returns the names removed."""
         keep = set(manifest["files"])
         pattern = re.compile(r"^(passages|vectors|index|deleted)(\.g\d{4})?\.(arrow|npy|faiss)(\.tmp)?$")
         gone = []
         for path in self.path.iterdir():
-            if path.is_file() and pattern.match(path.name) and path.name not in keep:
+            mode = path.lstat().st_mode
+            stale = pattern.match(path.name) and path.name not in keep and stat.S_ISREG(mode)
+            if stale or stat.S_ISLNK(mode) or (TEMP_NAME.match(path.name) and stat.S_ISREG(mode)):
                 path.unlink(missing_ok=True)
                 gone.append(path.name)
         if gone:
@@ -266,7 +288,14 @@ class IndexFolder:
         if not self.path.is_dir():
             raise IndexFolderError(f"index folder {self.path} does not exist; {BUILD_HINT}")
         path = self.path / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:  # ELOOP: a planted link, never followed
+            raise IndexFolderError(f"{path}: cannot be opened as the folder's lock file ({e.strerror}); if it is a "
+                                   "link or not a regular file, remove it and run the command again") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IndexFolderError(f"{path} is not a regular file; remove it and run the command again")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,54 @@
+"""Writing files without following links: every write goes to a fresh temporary created with O_EXCL | O_NOFOLLOW,
+then replaces its target in one rename (a link at the target is replaced, never written through)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # what `fresh_temp` names; the sweep removes leftovers
+
+
+def fresh_temp(final: Path) -> Path:
+    """A new empty regular file beside `final` under a random name, created with O_EXCL | O_NOFOLLOW: a link
+    planted in the folder under any name is never written through (the trust model of README "Failure behaviour")."""
+    while True:
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+@contextmanager
+def writing(final: str | Path):
+    """Write `final` through a fresh temporary file that replaces it in one rename once the block ends without an
+    error (a link at `final` is replaced, never followed); the temporary goes on an error."""
+    final = Path(final)
+    tmp = fresh_temp(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_npy(path: Path, array) -> None:
+    """np.save through `writing` (a file object: np.save would add ".npy" to the temporary's name)."""
+    import numpy as np
+
+    with writing(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    with writing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
