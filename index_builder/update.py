@@ -131,7 +131,8 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         new_docs = adds + replaces
         report.added_docs = [d.id for d in adds] + [d.id for d in replaces if d.id not in known]
         if not new_docs and not report.deleted_docs:
-            log.warning("nothing to change in %s", folder)
+            log.warning("nothing to change in %s; it stays at generation %d", folder, gen - 1)
+            report.generation = gen - 1  # no generation was written
             return report
 
         gone = set(report.deleted_docs) | set(report.replaced_docs)
@@ -144,6 +145,7 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         report.added_passages = len(passages)
         segments = list(files["segments"])
         index = faiss.read_index(str(where.file(files["index_file"])))  # a private copy to add to
+        index_settings = None
         if passages:
             encoder = Encoder.from_config(cfg.encoder)
             where.check_encoder(manifest, encoder.identity(), same_weights=True)
@@ -164,7 +166,11 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
             if warning:
                 log.warning(warning)
                 report.warnings.append(warning)
-            index.add(augment(vecs, norm2))
+            if index.ntotal == 0 and current.cfg.type != "ivfpq":  # an emptied index: build it anew over these
+                index, extra = build_faiss(vecs, current.cfg, progress=False)
+                index_settings = {**manifest["index"], "mips_norm2": extra["mips_norm2"]}
+            else:
+                index.add(augment(vecs, norm2))
         index_name = where.generation_name(INDEX_FILE, gen)
         with writing(where.file(index_name)) as tmp:
             faiss.write_index(index, str(tmp))
@@ -176,7 +182,8 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         report.seconds = time.perf_counter() - t0
         new_manifest = where.next_manifest(
             manifest, segments=segments, index_file=index_name, deleted_file=deleted_name, deleted=len(deleted),
-            count=index.ntotal, history={k: v for k, v in asdict(report).items() if k != "generation"})
+            count=index.ntotal, index=index_settings,
+            history={k: v for k, v in asdict(report).items() if k != "generation"})
         if _before_switch is not None:
             _before_switch()  # tests: a crash after writing the new files, before the switch
         where.switch(manifest, new_manifest)

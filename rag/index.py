@@ -44,8 +44,8 @@ def _chunks(n: int, size: int):
 
 
 def max_norm2(vectors: np.ndarray, chunk: int = 100_000) -> float:
-    return max(float(np.einsum("nd,nd->n", c, c).max()) for c in (
-        np.asarray(vectors[s:e], dtype=np.float32) for s, e in _chunks(len(vectors), chunk)))
+    return max((float(np.einsum("nd,nd->n", c, c).max()) for c in (
+        np.asarray(vectors[s:e], dtype=np.float32) for s, e in _chunks(len(vectors), chunk))), default=0.0)
 
 
 def augment(x: np.ndarray, norm2: float | None) -> np.ndarray:
@@ -95,6 +95,10 @@ def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
         faiss.downcast_index(index).hnsw.efSearch = cfg.ef_search
     elif cfg.type == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+
+
+class EmptyIndex(IndexFolderError):
+    """Every passage of the index was deleted: nothing to retrieve until documents are added."""
 
 
 class DenseIndex:
@@ -175,6 +179,8 @@ class DenseIndex:
         (flat, HNSW: read back with `reconstruct`, O(d) each) must equal the stored ones; IVF-PQ codes are lossy, so
         there three searches must give finite scores. A same-size corruption of the codes fails it; only
         `index_builder verify` (sha256 of every file) catches every changed byte."""
+        if not len(self.vectors):
+            return
         rows = np.setdiff1d(np.array([0, len(self.vectors) // 2, len(self.vectors) - 1]), self.deleted)
         if not len(rows):
             return
@@ -206,6 +212,12 @@ class DenseIndex:
         """Searchable (live) passages."""
         return self.index.ntotal - len(self.deleted)
 
+    def require_passages(self) -> None:
+        """Retrieval over an emptied index is an error that says how to fill it (README "Failure behaviour")."""
+        if not len(self):
+            raise EmptyIndex(f"{self.folder} has no passages to retrieve (every document was deleted); add "
+                             f"documents with `python -m index_builder update --index {self.folder} --add FILE`")
+
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
@@ -217,6 +229,10 @@ class DenseIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {queries.shape[1]}, the index {self.dim}")
         k = min(k, len(self))
+        if k <= 0:  # an emptied index (every document deleted): no hits, not a faiss assertion
+            empty = np.zeros((len(queries), 0))
+            return SearchResult(ids=empty.astype(np.int64), scores=empty.astype(np.float32),
+                                vectors=np.zeros((len(queries), 0, self.dim), np.float32) if return_vectors else None)
         fetch = max(k, self.cfg.rerank) if self.cfg.type != "flat" else k
         extra = {"params": self._params} if self._params is not None else {}
         if self.mips_norm2 is None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rag.encoders import Encoder
-from rag.errors import BadInput, BadType
+from rag.errors import BadInput, BadType, RagError
 from rag.index import DenseIndex
 from rag.passages import Passage
 
@@ -25,6 +25,10 @@ class Retrieved:
     passages: list[list[Passage]]  # (B, K)
 
 
+class NonFinite(RagError):
+    """A model produced NaN or infinite values: its weights are damaged."""
+
+
 def check_questions(questions) -> list[str]:
     if isinstance(questions, str):
         questions = [questions]
@@ -35,6 +39,8 @@ def check_questions(questions) -> list[str]:
         if not q.strip():
             raise BadInput("the question is empty; ask something")
         out.append(q.strip())
+    if not out:
+        raise BadInput("no questions given; pass at least one")
     return out
 
 
@@ -62,7 +68,11 @@ class Retriever(nn.Module):
 
     def forward(self, questions: list[str], k: int) -> Retrieved:
         index = self.index  # one generation for the whole call, even if reload_index swaps it meanwhile
+        index.require_passages()
         q = self.encode(questions)  # (B, D)
+        if not torch.isfinite(q).all():
+            raise NonFinite("the query encoder gave NaN or infinite vectors; its weights are damaged (a diverged "
+                            "training run?): load another checkpoint or retrain")
         if k > len(index):
             log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
             k = len(index)

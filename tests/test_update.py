@@ -10,7 +10,7 @@ from index_builder.build import build
 from index_builder.update import UpdateError, compact, update
 from rag.config import BuildConfig, load_config
 from rag.index import DenseIndex
-from rag.index_folder import EncoderMismatch, FolderBusy, IndexFolder
+from rag.index_folder import EncoderMismatch, FolderBusy, IndexFolder, IndexFolderError
 from tests.conftest import long_docs, write_jsonl
 
 TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
@@ -187,3 +187,42 @@ def test_duplicate_document_ids_are_refused(tmp_path, tiny_bert):
     with pytest.raises(UpdateError, match="given twice in this update: doc5"):
         update(base, add=str(tmp_path / "twice.jsonl"), progress=False)
     assert DenseIndex.load(base).generation == 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_an_emptied_index_stays_valid_answers_clearly_and_takes_new_documents(tmp_path, tiny_bert, tiny_lms, kind,
+                                                                              capsys):
+    """Deleting every document and compacting once left a folder that verify, rag ask and update --add crashed on."""
+    from rag.cli import main as ask
+    from rag.pipeline import RagPipeline
+    from tests.conftest import rag_config
+    from tests.test_one_way_in import _yaml
+
+    docs = long_docs(6)
+    base = make(tmp_path, tiny_bert, docs, "base", kind)
+    (tmp_path / "all.txt").write_text("".join(f"{d['id']}\n" for d in docs))
+    update(base, delete=str(tmp_path / "all.txt"), progress=False)
+    compact(base, progress=False)
+    assert cli(["verify", str(base)]) == 0
+    index = DenseIndex.load(base, verify=True)
+    assert len(index) == 0 and index.search(np.ones((2, index.dim), np.float32), 3).ids.shape == (2, 0)
+    pipe = RagPipeline.load(rag_config(base, tiny_bert, tiny_lms["llama"]))
+    with pytest.raises(IndexFolderError, match="no passages to retrieve.*update --index"):
+        pipe.answer("capital of france")
+    cfg = _yaml(tmp_path / "rag.yaml", rag_config(base, tiny_bert, tiny_lms["llama"]))
+    capsys.readouterr()
+    assert ask(["ask", "capital", "--config", str(cfg)]) == 2
+    assert "no passages to retrieve" in capsys.readouterr().err
+    report = update(base, add=write_jsonl(tmp_path / "again.jsonl", docs[:2]), progress=False)
+    assert report.added_passages > 0
+    index = DenseIndex.load(base, verify=True)
+    assert len(index) == report.added_passages
+    assert top_ids(index, np.asarray(index.vectors[:1], np.float32), 1) == [[index.passages([0])[0].id]]
+    assert pipe.reload_index() == index.generation and pipe.answer("capital of france").passages
+
+
+def test_an_update_that_changes_nothing_reports_the_current_generation(tmp_path, tiny_bert):
+    base = make(tmp_path, tiny_bert, long_docs(4), "base")
+    (tmp_path / "unknown.txt").write_text("nope\n")
+    report = update(base, delete=str(tmp_path / "unknown.txt"), progress=False)
+    assert report.generation == 0 == IndexFolder(base).read_manifest()["generation"]
