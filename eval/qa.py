@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/eval", help="folder for predictions and the summary")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    from rag.cli import quiet_logging
-    from rag.errors import run_cli
+    from rag.errors import quiet_logging, run_cli
 
     quiet_logging()
     return run_cli(lambda: _run(ap, args))

@@ -96,8 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from rag.cli import quiet_logging
-    from rag.errors import run_cli
+    from rag.errors import quiet_logging, run_cli
 
     quiet_logging()
     return run_cli(lambda: _run(args))

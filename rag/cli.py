@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,17 +50,6 @@ def _show(ans) -> str:
     return "\n".join(lines)
 
 
-def quiet_logging(level: int = logging.INFO) -> None:
-    """One line per stage from this project's loggers, warnings only from the libraries, no library bars."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("rag", "index_builder", "eval"):
-        logging.getLogger(name).setLevel(level)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines name modules it did not find
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in an answer
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # its own parser: rag serve --help
@@ -69,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = _parser().parse_args(argv)
+    from rag.errors import quiet_logging, run_cli
+
     quiet_logging(logging.WARNING if args.json else logging.INFO)
-    from rag.errors import run_cli
 
     return run_cli(lambda: _ask(args))
 
@@ -83,7 +72,7 @@ def _ask(args) -> int:
         overrides.append(f"decoding.num_beams={args.beams}")
     pipe = load_pipeline(args.pretrained or args.config, tuple(overrides))
     ans = pipe.answer(args.question, mode=args.mode, n_docs=args.n_docs)
-    print(json.dumps({**asdict(ans), "supported": ans.supported}, indent=2) if args.json else _show(ans))
+    print(json.dumps(ans.to_json(), indent=2) if args.json else _show(ans))
     return 0
 
 

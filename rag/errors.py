@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -30,3 +31,14 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def quiet_logging(level: int = logging.INFO) -> None:
+    """One line per stage from this project's loggers, warnings only from the libraries, no library bars."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("rag", "index_builder", "eval"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines name modules it did not find
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in an answer

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -84,6 +85,21 @@ class Answer:
         """Whether the retrieved passages back the answer: it occurs in a passage that holds at least
         `SUPPORT_MIN` of the posterior. Otherwise the answer is the generator's guess, not read from a passage."""
         return bool(self.supporting) and self.support >= SUPPORT_MIN
+
+    def to_json(self) -> dict:
+        """What `rag ask --json` prints and `/answer` returns: the fields and `supported`; a NaN or infinite number
+        (a damaged model) becomes null, as strict JSON has no such values."""
+        return _finite({**asdict(self), "supported": self.supported})
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 SUPPORT_MIN = 0.2  # posterior mass; with k=5 a fifth is what one passage holds under a uniform posterior

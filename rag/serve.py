@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -32,6 +33,22 @@ class ServeSettings:
     max_queue: int = 64
     timeout_s: float = 60.0
     watch_s: float = 0.0  # poll the index folder's generation every so often (0: only on POST /reload)
+    host: str = "127.0.0.1"  # the address bound; with the names below, the Hosts (and Origins) allowed
+    allow_hosts: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0  # a new connection must send its request's headers within this
+
+    def __post_init__(self):
+        from rag.errors import BadInput
+
+        for name in ("max_batch", "max_queue"):
+            if not getattr(self, name) >= 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be >= 1")
+        finite = {"max_wait_ms": self.max_wait_ms, "timeout": self.timeout_s, "watch": self.watch_s,
+                  "header_timeout": self.header_timeout_s}
+        for name, value in finite.items():
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in ("timeout", "header_timeout")):
+                raise BadInput(f"--{name.replace('_', '-')} must be a finite number of seconds "
+                               f"({'> 0' if name in ('timeout', 'header_timeout') else '>= 0'}), got {value}")
 
 
 @dataclass
@@ -100,13 +117,18 @@ class Worker:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.held: collections.deque[Job] = collections.deque()  # taken while batching, but of another key
         self.waiting = 0
+        self.reload: Job | None = None  # the one reload waiting to start: later ones share it
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="rag-model-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job, bounded: bool = True) -> Future:
         with self.lock:
-            if bounded and self.waiting >= self.settings.max_queue:
+            if job.kind == "reload":  # coalesced: at most one reload waits, whoever asks
+                if self.reload is not None:
+                    return self.reload.future
+                self.reload = job
+            elif bounded and self.waiting >= self.settings.max_queue:
                 raise Busy
             self.waiting += 1
             self.metrics.queue_depth = self.waiting
@@ -121,33 +143,51 @@ class Worker:
         except queue.Empty:
             return None
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            first = self._next(None)
-            batch = [first]
-            if first.kind == "answer":
-                deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-                others = []
-                while len(batch) < self.settings.max_batch:
-                    job = self._next(max(0.0, deadline - time.monotonic()))
-                    if job is None:
-                        break
-                    (batch if job.kind == "answer" and job.key == first.key else others).append(job)
-                self.held.extendleft(reversed(others))
-            with self.lock:
-                self.waiting -= len(batch)
-                self.metrics.queue_depth = self.waiting
-            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]  # timed-out ones are dropped
-            if not batch:
-                continue
             try:
-                results = self._do(batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
-                for j in batch:
-                    j.future.set_exception(e)
-                continue
-            for j, r in zip(batch, results, strict=True):
-                j.future.set_result(r)
+                self._step()
+            except Exception:  # noqa: BLE001 - a bug in batching must not leave the server answering nothing
+                log.exception("the model worker hit an error; it goes on with the next request")
+
+    def _step(self) -> None:
+        batch = self._gather()
+        with self.lock:
+            self.waiting -= len(batch)
+            self.metrics.queue_depth = self.waiting
+        batch = [j for j in batch if j.future.set_running_or_notify_cancel()]  # timed-out ones are dropped
+        if not batch:
+            return
+        try:
+            results = self._do(batch)
+        except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        for j, r in zip(batch, results, strict=True):
+            j.future.set_result(r)
+
+    def _gather(self) -> list[Job]:
+        """The next job, and for an answer the others of its key that arrive within `max_wait_ms`."""
+        first = self._next(None)
+        if first.kind == "reload":
+            with self.lock:
+                self.reload = None  # a reload asked for from now on runs after this one
+        batch = [first]
+        if first.kind == "answer":
+            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            others = []
+            while len(batch) < self.settings.max_batch:
+                job = self._next(max(0.0, deadline - time.monotonic()))
+                if job is None:
+                    break
+                (batch if job.kind == "answer" and job.key == first.key else others).append(job)
+            self.held.extendleft(reversed(others))
+        return batch
 
     def _do(self, batch: list[Job]) -> list:
         first = batch[0]
@@ -162,19 +202,15 @@ class Worker:
                                       n_docs=n_docs, batch_size=len(batch))
 
 
-def answer_json(ans) -> dict:
-    """What `rag ask --json` prints."""
-    return {**asdict(ans), "supported": ans.supported}
-
-
 def create_app(pipe, settings: ServeSettings = ServeSettings()):
     """The FastAPI app over a loaded pipeline (tests build it around tiny models)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
 
     from rag.errors import RagError
+    from rag.http_guard import Guard, allowed_hosts
 
     metrics = Metrics()
     worker = Worker(pipe, settings, metrics)
@@ -189,32 +225,38 @@ def create_app(pipe, settings: ServeSettings = ServeSettings()):
 
     app = FastAPI(title="rag serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics
+    app.add_middleware(Guard, hosts=allowed_hosts(settings.host, settings.allow_hosts),
+                       body_bytes=LIMITS["body_bytes"])
 
-    class Ask(BaseModel):
+    class Question(BaseModel):
         model_config = ConfigDict(extra="forbid")  # no field can name a file, a config or a model
         question: str = Field(min_length=1, max_length=LIMITS["question_chars"])
+
+        @field_validator("question")
+        @classmethod
+        def not_blank(cls, value: str) -> str:  # one blank question would fail its whole batch
+            if not value.strip():
+                raise ValueError("the question is blank; ask something")
+            return value
+
+    class Ask(Question):
         mode: str | None = Field(None, pattern="^(sequence|token)$")
         n_docs: int | None = Field(None, ge=1, le=LIMITS["n_docs"])
         num_beams: int | None = Field(None, ge=1, le=LIMITS["num_beams"])
         max_new_tokens: int | None = Field(None, ge=1, le=LIMITS["max_new_tokens"])
 
-    class Find(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        question: str = Field(min_length=1, max_length=LIMITS["question_chars"])
+    class Find(Question):
         k: int | None = Field(None, ge=1, le=LIMITS["n_docs"])
 
     def error(status: int, message: str, **headers) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
+    async def count(request: Request, call_next):
         t = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > LIMITS["body_bytes"]):
-            response = error(413, f"request body over {LIMITS['body_bytes']} bytes")
-        else:
-            response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - t)
+        response = await call_next(request)
+        path = request.url.path  # labelled by route, never by a raw path: a client cannot mint new series
+        metrics.request(path if path in routes else "(other)", response.status_code, time.perf_counter() - t)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -240,7 +282,7 @@ def create_app(pipe, settings: ServeSettings = ServeSettings()):
     async def answer(body: Ask):
         got = await run(Job("answer", (body.mode, body.n_docs, body.num_beams, body.max_new_tokens), body.question),
                         settings.timeout_s)
-        return got if isinstance(got, JSONResponse) else answer_json(got)
+        return got if isinstance(got, JSONResponse) else got.to_json()
 
     @app.post("/retrieve")
     async def retrieve(body: Find):
@@ -255,6 +297,8 @@ def create_app(pipe, settings: ServeSettings = ServeSettings()):
 
     @app.get("/healthz")
     async def healthz():
+        if not worker.alive:
+            return error(503, "the model worker has stopped; restart the server")
         return {"status": "ok", "generation": pipe.model.retriever.index.generation}
 
     @app.get("/info")
@@ -269,7 +313,23 @@ def create_app(pipe, settings: ServeSettings = ServeSettings()):
     async def page():
         return HTMLResponse(resources.files("rag").joinpath("page.html").read_text(encoding="utf-8"))
 
+    routes = {r.path for r in app.routes}
     return app
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from rag.errors import BadInput
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host.strip("[]"), port))
+    except OSError as e:
+        raise BadInput(f"cannot listen on {host}:{port} ({e.strerror}); is another server there? choose another "
+                       "--port or --host") from None
 
 
 async def _watch(pipe, worker: Worker, every: float) -> None:
@@ -277,6 +337,7 @@ async def _watch(pipe, worker: Worker, every: float) -> None:
     from rag.index_folder import IndexFolder
 
     folder = IndexFolder(pipe.model.retriever.index.folder)
+    failed = None  # a generation that failed to load is not retried until another one appears
     while True:
         await asyncio.sleep(every)
         try:
@@ -284,8 +345,14 @@ async def _watch(pipe, worker: Worker, every: float) -> None:
         except Exception as e:  # noqa: BLE001 - a folder being rewritten: look again next time
             log.warning("watching %s: %s", folder.path, e)
             continue
-        if generation != pipe.model.retriever.index.generation:
-            await asyncio.wrap_future(worker.submit(Job("reload", ("reload",)), bounded=False))
+        if generation != pipe.model.retriever.index.generation and generation != failed:
+            try:
+                await asyncio.wrap_future(worker.submit(Job("reload", ("reload",)), bounded=False))
+            except Exception as e:  # noqa: BLE001 - the old generation keeps serving; try the next one
+                log.warning("watching %s: generation %d could not be loaded (%s); still serving generation %d",
+                            folder.path, generation, e, pipe.model.retriever.index.generation)
+                failed = generation
+                continue
             log.info("reloaded %s at generation %d", folder.path, generation)
 
 
@@ -308,9 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--watch", type=float, default=d.watch_s, help="seconds between looks at the index folder's "
                                                                   "generation, reloading when it changes (0: only "
                                                                   "POST /reload)")
+    ap.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a Host name (and Origin) the server answers besides loopback names and --host; repeat it "
+                         "for each name a proxy or browser uses to reach the server")
+    ap.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                    help="seconds a new connection may take to send its request headers")
     args = ap.parse_args(argv)
-    from rag.cli import quiet_logging
-    from rag.errors import BadInput, run_cli
+    from rag.errors import BadInput, quiet_logging, run_cli
 
     quiet_logging()
 
@@ -319,17 +390,18 @@ def main(argv: list[str] | None = None) -> int:
             import uvicorn
         except ImportError:
             raise BadInput("rag serve needs FastAPI and uvicorn: pip install 'rag-lewis[serve]'") from None
-        for name in ("max_batch", "max_queue", "port"):
-            if getattr(args, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} must be >= 1")
-        if args.max_wait_ms < 0 or args.timeout <= 0 or args.watch < 0:
-            raise BadInput("--max-wait-ms and --watch must be >= 0, --timeout > 0")
+        if not 1 <= args.port <= 65535:
+            raise BadInput(f"--port must be between 1 and 65535, got {args.port}")
+        settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.timeout, args.watch,
+                                 args.host, tuple(args.allow_host), args.header_timeout)
+        _check_port(args.host, args.port)  # before minutes of loading: a port in use is one line, not a traceback
         from rag.first_use import load_pipeline
+        from rag.http_guard import header_timeout_protocol
 
         pipe = load_pipeline(args.config, tuple(args.set))
-        settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.timeout, args.watch)
         log.info("serving %s on http://%s:%d", pipe.info()["index"], args.host, args.port)
-        uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level="warning",
+                    http=header_timeout_protocol(settings.header_timeout_s))
         return 0
 
     return run_cli(serve)

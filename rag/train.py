@@ -342,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    from rag.cli import quiet_logging
-    from rag.errors import run_cli
+    from rag.errors import quiet_logging, run_cli
 
     quiet_logging()
 

@@ -40,11 +40,13 @@ def pipe(index, tiny_bert, tiny_lms):
 
 
 class Server:
-    def __init__(self, app):
+    def __init__(self, app, **config):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.app_worker = app.state.worker
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -248,3 +250,212 @@ def test_the_page_in_a_real_browser(serve):
         assert "error" not in browser.find_element(By.ID, "status").text
     finally:
         browser.quit()
+
+
+# -- a browser tab and other clients the server must not trust (README "Failure behaviour") ----------------------
+
+
+def raw(server, head: str, body: bytes = b"", timeout: float = 30) -> tuple[int, dict | str]:
+    """Send bytes as they are (any Host, chunked bodies) and read the status and body."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode(errors="replace")
+
+
+def post(path: str, body: bytes, host="127.0.0.1", **headers) -> str:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Connection: close",
+             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    if "Transfer_Encoding" not in headers:
+        lines.append(f"Content-Length: {len(body)}")
+    return "\n".join(lines) + "\n"
+
+
+ASK = json.dumps({"question": "capital of france"}).encode()
+
+
+@pytest.mark.parametrize("host, status", [("127.0.0.1", 200), ("localhost:8000", 200), ("[::1]:80", 200),
+                                          ("evil.example", 421), ("attacker.test:8000", 421), ("", 421)])
+def test_only_allowed_host_names_are_answered(serve, host, status):
+    """DNS rebinding: a page under the attacker's name resolving to 127.0.0.1 once read /info (paths) and asked."""
+    server = serve()
+    got, body = raw(server, f"GET /info HTTP/1.1\nHost: {host}\nConnection: close\n")
+    assert got == status, body
+    got, _ = raw(server, post("/answer", ASK, host=host, Content_Type="application/json"), ASK)
+    assert got == status
+
+
+def test_allow_host_adds_a_name(serve):
+    server = serve(allow_hosts=("rag.internal",))
+    assert raw(server, "GET /healthz HTTP/1.1\nHost: rag.internal:8000\nConnection: close\n")[0] == 200
+    got, _ = raw(server, post("/answer", ASK, host="rag.internal", Content_Type="application/json",
+                              Origin="http://rag.internal:8000"), ASK)
+    assert got == 200
+
+
+@pytest.mark.parametrize("origin, content_type, status", [
+    ("https://evil.example", "application/json", 403),
+    ("null", "application/json", 403),
+    ("http://127.0.0.1:1234", "application/json", 200),  # the server's own page (another port: still loopback)
+    (None, "application/json", 200),  # no browser: curl, scripts
+    (None, "text/plain", 415),  # what a cross-site "simple" request can send without a preflight
+    (None, "application/x-www-form-urlencoded", 415),
+])
+def test_posts_need_an_allowed_origin_and_json(serve, origin, content_type, status):
+    server = serve()
+    headers = {"Content_Type": content_type, **({"Origin": origin} if origin else {})}
+    for path, body in (("/answer", ASK), ("/reload", b"")):
+        got, answer = raw(server, post(path, body, **headers), body)
+        assert got == status, (path, answer)
+        if status != 200:
+            assert "\n" not in answer["error"]
+
+
+def test_chunked_bodies_are_bounded_like_sized_ones(serve):
+    """A 40 MiB chunked body was once read whole."""
+    server = serve()
+    chunk = b"x" * 8192  # three chunks cross the 16 KiB limit; the server answers without reading on
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(3))
+    got, answer = raw(server, post("/answer", b"", Content_Type="application/json", Transfer_Encoding="chunked"),
+                      body)
+    assert got == 413 and "bytes" in answer["error"]
+    small = b'{"question": "capital of france"}'
+    got, _ = raw(server, post("/answer", b"", Content_Type="application/json", Transfer_Encoding="chunked"),
+                 b"%x\r\n" % len(small) + small + b"\r\n0\r\n\r\n")
+    assert got == 200
+
+
+def test_metrics_label_routes_never_raw_paths(serve):
+    """One odd path once broke every later scrape, and 3,000 404 paths made 3,006 series."""
+    server = serve()
+    for i in range(50):
+        raw(server, f"GET /nope{i}%22%7D%0A HTTP/1.1\nHost: 127.0.0.1\nConnection: close\n")
+    _, text, _ = server.call("/metrics")
+    series = [line for line in text.splitlines() if line.startswith("rag_requests_total{")]
+    assert 'rag_requests_total{endpoint="(other)",status="404"} 50' in series
+    assert not any("nope" in line for line in text.splitlines()) and len(series) <= 3
+
+
+def test_reloads_are_coalesced_and_do_not_bypass_the_queue(serve, pipe, monkeypatch):
+    """400 concurrent reloads were once queued against a limit of 16."""
+    calls, gate = [], threading.Event()
+    real = pipe.reload_index
+
+    def slow_reload(*args, **kwargs):
+        calls.append(1)
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "reload_index", slow_reload)
+    server = serve(max_queue=4)
+    with ThreadPoolExecutor(40) as pool:
+        futures = [pool.submit(server.call, "/reload", None, b"") for _ in range(40)]
+        time.sleep(1.0)
+        assert server.app_worker.waiting <= 2  # the running reload and one pending, whoever asked
+        gate.set()
+        got = [f.result() for f in futures]
+    assert all(status == 200 for status, _, _ in got) and len(calls) <= 3
+
+
+def test_a_slow_client_is_cut_off_after_the_header_timeout(pipe):
+    from rag.http_guard import header_timeout_protocol
+
+    app = create_app(pipe, ServeSettings())
+    server = Server(app, http=header_timeout_protocol(0.5))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finished
+            t = time.monotonic()
+            assert s.recv(100) == b"" and time.monotonic() - t < 5  # closed by the server
+        assert server.call("/healthz")[0] == 200  # a whole request on a new connection is served
+    finally:
+        server.stop()
+
+
+def test_a_blank_question_fails_only_itself(serve):
+    server = serve(max_batch=8, max_wait_ms=300)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: server.call("/answer", {"question": q}), ["capital of france", "   ",
+                                                                               "the moon rocket", "\t\n"]))
+    assert [g[0] for g in got] == [200, 422, 200, 422] and "blank" in got[1][1]["error"]
+
+
+def test_a_nan_score_is_null_not_a_500(serve, pipe, monkeypatch):
+    import dataclasses
+
+    real = pipe.answer_batch
+    monkeypatch.setattr(pipe, "answer_batch", lambda *a, **k: [dataclasses.replace(x, score=float("nan"))
+                                                               for x in real(*a, **k)])
+    status, body, _ = serve().call("/answer", {"question": "capital of france"})
+    assert status == 200 and body["score"] is None
+
+
+def test_healthz_reports_a_dead_worker(serve):
+    server = serve()
+    worker = server.app_worker
+    worker.jobs.put(None)  # not a Job: the worker's error path; it must live on
+    time.sleep(0.2)
+    assert worker.alive and server.call("/healthz")[0] == 200
+    worker.thread = threading.Thread(target=lambda: None)  # a thread that is not running
+    status, body, _ = server.call("/healthz")
+    assert status == 503 and "worker" in body["error"]
+
+
+def test_the_watch_survives_a_reload_that_fails(tmp_path, tiny_bert, tiny_lms, index, caplog):
+    import json as _json
+
+    folder = tmp_path / "index"
+    shutil.copytree(index, folder)
+    pipe = RagPipeline.load(rag_config(folder, tiny_bert, tiny_lms["llama"]))
+    server = Server(create_app(pipe, ServeSettings(watch_s=0.05)))
+    try:
+        manifest = _json.loads((folder / "manifest.json").read_text())
+        manifest["generation"] = 7
+        manifest["files"]["index.faiss"]["bytes"] += 1  # a generation that cannot load
+        (folder / "manifest.json").write_text(_json.dumps(manifest))
+        time.sleep(0.5)
+        assert server.call("/answer", {"question": "capital of france"})[0] == 200
+        assert server.call("/healthz")[1]["generation"] == 0
+        assert any("could not be loaded" in r.message for r in caplog.records)
+        manifest["files"]["index.faiss"]["bytes"] -= 1
+        manifest["generation"] = 8
+        (folder / "manifest.json").write_text(_json.dumps(manifest))
+        deadline = time.time() + 10
+        while server.call("/healthz")[1]["generation"] != 8 and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.call("/healthz")[1]["generation"] == 8  # the watch lived on
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+    (["--timeout", "nan"], "--timeout must be a finite number"),
+    (["--max-wait-ms", "inf"], "--max-wait-ms must be a finite number"),
+    (["--watch", "-1"], "--watch must be"),
+    (["--max-queue", "0"], "--max-queue must be >= 1"),
+])
+def test_bad_serve_options_are_one_line(capsys, args, words):
+    from rag.cli import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_line(capsys):
+    from rag.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err
