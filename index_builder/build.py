@@ -84,8 +84,9 @@ def _saved_identity(out: Path) -> dict | None:
     return None
 
 
-def _check_folder(out: Path, cfg: BuildConfig) -> dict | None:
-    """Decide what to do with an existing output folder; return the saved build state when resuming."""
+def _check_folder(out: Path, cfg: BuildConfig, how: str = "rerun with --overwrite") -> dict | None:
+    """Decide what to do with an existing output folder; return the saved build state when resuming. `how` says
+    how to start afresh."""
     if not out.exists() or not any(out.iterdir()):
         return None
     for name in (STATE_FILE, MANIFEST):
@@ -100,44 +101,50 @@ def _check_folder(out: Path, cfg: BuildConfig) -> dict | None:
             if name == MANIFEST:
                 return {"complete": True}
             state = json.loads((out / STATE_FILE).read_text())
-            _check_same_corpus(out, cfg, state)
+            _check_same_corpus(out, cfg, state, how)
             return state
     raise BuildError(f"{out} exists and is not an index build; use another output folder or --overwrite")
 
 
 def corpus_fingerprint(cfg: BuildConfig) -> dict:
-    """What identifies the corpus files a build read: size, mtime and a hash of the first and last MiB of each
-    (a directory: of each file in it, in name order). Cheap for 13 GB, and any edit changes it."""
+    """What identifies the source files a build or import reads (the corpus, and an import's `.npy` vectors): size,
+    mtime and a hash of the first and last MiB of each (a directory: of each file in it, in name order). Cheap
+    for 13 GB, and any edit changes it."""
     import hashlib
 
-    if cfg.corpus.path is None:  # the demo corpus: an installed package
+    roots = [Path(p).expanduser() for p in (cfg.corpus.path, cfg.corpus.vectors) if p is not None]
+    if not roots:  # the demo corpus: an installed package
         return {}
-    root = Path(cfg.corpus.path).expanduser()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    h = hashlib.sha256()
-    size = 0
-    for f in files:
-        st = f.stat()
-        size += st.st_size
-        h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if st.st_size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return {"files": len(files), "bytes": size, "sha256": h.hexdigest()[:32]}
+    h, size, count = hashlib.sha256(), 0, 0
+    for root in roots:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            if not f.exists():
+                continue  # a missing source is reported by the reader that needs it
+            st = f.stat()
+            size, count = size + st.st_size, count + 1
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return {"files": count, "bytes": size, "sha256": h.hexdigest()[:32]}
 
 
-def _check_same_corpus(out: Path, cfg: BuildConfig, state: dict) -> None:
-    """A build resumed after its passage stage must read the same corpus it started from: an edited corpus
-    would otherwise leave the old passages under a new index."""
-    saved = state.get("corpus")
-    if saved is None or "passages" not in state.get("stages", {}):
+def _check_same_corpus(out: Path, cfg: BuildConfig, state: dict, how: str) -> None:
+    """A resumed build or import must read the sources it started from once anything was written from them (the
+    passage stage, or a vector shard): an edited source would otherwise mix the old rows with the new."""
+    saved, now = state.get("corpus"), corpus_fingerprint(cfg)
+    if saved == now:
         return
-    now = corpus_fingerprint(cfg)
-    if now != saved:
-        raise BuildError(f"{cfg.corpus.path} changed since the build in {out} started ({saved} then, {now} now); "
-                         "rerun with --overwrite to build from the corpus as it is")
+    shards = out / SHARDS
+    started = bool(state.get("stages")) or (shards.is_dir() and any(shards.iterdir()))
+    if saved is not None and started:
+        sources = " and ".join(str(p) for p in (cfg.corpus.path, cfg.corpus.vectors) if p)
+        raise BuildError(f"{sources} changed since the build in {out} started ({saved} then, {now} now); {how} to "
+                         "build from the sources as they are")
+    state["corpus"] = now
 
 
 def _save_state(out: Path, state: dict) -> None:

@@ -48,7 +48,7 @@ def import_index(cfg: BuildConfig, progress: bool = True) -> Path:
     out = IndexFolder(cfg.output).path
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} is a file, not a folder; give the index a folder of its own")
-    state = _check_folder(out, cfg)
+    state = _check_folder(out, cfg, how="remove the folder and import again")
     if state and state.get("complete"):
         log.info("%s is already imported with this config", out)
         return out

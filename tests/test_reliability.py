@@ -229,3 +229,39 @@ def test_numbers_out_of_range_are_one_line_naming_the_key(args, key, cli, built,
 
     cfg = _yaml(tmp_path / "rag.yaml", rag_config(built, tiny_bert, tiny_lms["llama"]))
     cli(ask, ["ask", "capital", "--config", str(cfg), *args], key)
+
+
+def test_a_resumed_import_rereads_a_fixed_source(tmp_path, monkeypatch):
+    """Killed after some vector shards, its source fixed, an import once kept 4,000 of 5,000 rows from the failed run
+    (`corpus.vectors` was not in the fingerprint, and shards were reused before the passage stage was recorded)."""
+    from index_builder.imports import import_index
+
+    rows = [{"id": str(i), "title": f"t{i}", "text": f"text {i}"} for i in range(50)]
+    write_jsonl(tmp_path / "passages.jsonl", rows)
+    vectors = tmp_path / "vectors.npy"
+    np.save(vectors, np.zeros((50, 8), np.float32))  # the wrong vectors
+    cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'out'}", "corpus.format=npy",
+                                          f"corpus.path={tmp_path / 'passages.jsonl'}", f"corpus.vectors={vectors}",
+                                          "encoder.name=x", "index.shard_size=10"])
+    imports = importlib.import_module("index_builder.imports")
+    real, written = imports._write_shard, []
+
+    def dies_after_three(out, i, vecs, cfg):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(i)
+        real(out, i, vecs, cfg)
+
+    monkeypatch.setattr(imports, "_write_shard", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        import_index(cfg, progress=False)
+    monkeypatch.undo()
+    right = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    np.save(vectors, right)  # the source fixed
+    with pytest.raises(BuildError, match="changed since the build.*remove the folder and import again"):
+        import_index(cfg, progress=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
+    index = DenseIndex.load(import_index(cfg, progress=False))
+    assert np.allclose(np.asarray(index.vectors[:], np.float32), right.astype(np.float16), atol=1e-2)
