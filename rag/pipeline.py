@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ from rag.index_folder import IndexFolder
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.precision import name_of
-from rag.retriever import Retrieved, Retriever, check_questions
+from rag.retriever import NonFinite, Retrieved, Retriever, check_questions
 from rag.weights import quiet_bars
 
 log = logging.getLogger(__name__)
@@ -202,7 +205,30 @@ class RagPipeline:
         lora.rank > 0) is saved as its adapter alone (peft's folder, safetensors) over the base weights rag.yaml
         names; any other part as whole safetensors weights with its tokenizer."""
         folder = Path(folder).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) \
+                and not (folder / SAVED_CONFIG).is_file():
+            raise BadInput(f"{folder} exists and is not a saved pipeline (no {SAVED_CONFIG}); save into a new or "
+                           "empty folder")
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFinite(f"not saving {folder}: {len(bad)} weights are NaN or infinite ({', '.join(bad[:3])}); "
+                            "the model diverged")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole beside the old folder, then swapped in: nothing of an earlier save (an adapter of another
+        # run, say) stays beside the new weights, and a failed save leaves the old folder as it was.
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+        try:
+            self._save_parts(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if folder.exists():
+            old = tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent)
+            os.replace(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, folder)
+
+    def _save_parts(self, folder: Path) -> None:
         if self.model.generator.compute_dtype != torch.float32:
             log.warning("saving %s weights: load with precision float32 (or trainable=True) to save full precision",
                         name_of(self.model.generator.compute_dtype))

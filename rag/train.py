@@ -221,6 +221,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                 scheduler.step()
                 optimizer.zero_grad()
                 total += loss.item() / len(mine)
+        _check_finite(groups, state.step + 1, out)
         state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
@@ -237,6 +238,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     acc.end_training()
     pipe.model.eval()  # the returned pipeline answers like the saved one: no dropout in BERT_q
     return Trained(out / "final", pipe)
+
+
+def _check_finite(groups: list[dict], step: int, out: Path) -> None:
+    """A step that made a trained weight NaN or infinite stops the run before anything is evaluated or saved."""
+    params = [p for g in groups for p in g["params"]]
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        last = _checkpoints(out)
+        raise TrainingError(f"step {step} made trained weights NaN or infinite (the run diverged); nothing of it "
+                            "was saved. Lower the learning rate (or set max_grad_norm)"
+                            + (f" and resume from {last[-1]}" if last else ""))
 
 
 def _mixed_precision(rag_cfg) -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rag.config import load_config, save_config
+from rag.errors import BadInput
 from rag.model import RagModel
 from rag.pipeline import RagPipeline
 from rag.train import TrainConfig, TrainingError, train
@@ -319,3 +320,48 @@ def test_prior_scale_sharpens_the_prior(setup):
     a, b = pipe.answer("capital of france"), flat.answer("capital of france")
     assert max(p.prior for p in a.passages) > max(p.prior for p in b.passages)
     assert [p.score for p in a.passages] == [p.score for p in b.passages]
+
+
+def test_a_diverging_step_stops_the_run_and_saves_nothing(setup, tmp_path, monkeypatch):
+    """A step that overflowed the weights once saved them as final/ with exit 0; a pipeline over them answered ''."""
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].mul_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    with pytest.raises(TrainingError, match="step 1 made trained weights NaN or infinite"):
+        train(cfg_for(setup, tmp_path, "max_steps=1", "data.dev=null"), progress=False)
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_non_finite_weights_are_neither_saved_nor_used(setup, tmp_path):
+    from rag.retriever import NonFinite
+
+    pipe = RagPipeline.load(setup[1])
+    with torch.no_grad():
+        next(pipe.parts()["query_encoder"].parameters()).fill_(float("nan"))
+    with pytest.raises(NonFinite, match="NaN or infinite"):
+        pipe.save_pretrained(tmp_path / "saved")
+    with pytest.raises(NonFinite, match="query encoder gave NaN"):
+        pipe.answer("capital of france")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_second_run_into_one_output_dir_keeps_nothing_of_the_first(setup, tmp_path):
+    """A LoRA run then a full run into one output_dir once kept the first run's adapter beside the new weights, and
+    loading preferred the stale adapter."""
+    train(cfg_for(setup, tmp_path, "lora.rank=2", "max_steps=1", "data.dev=null"), progress=False)
+    assert (tmp_path / "run" / "final" / "query_encoder" / "adapter_config.json").is_file()
+    done = train(cfg_for(setup, tmp_path, "max_steps=1", "data.dev=null", "lr_query_encoder=0.5"), progress=False)
+    files = {p.name for p in (done.final / "query_encoder").iterdir()}
+    assert "adapter_config.json" not in files and "model.safetensors" in files
+    again = RagPipeline.load(done.final)
+    assert digest(again.model.retriever.encoder) == digest(done.pipeline.model.retriever.encoder)
+    with pytest.raises(BadInput, match="not a saved pipeline"):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("x")
+        done.pipeline.save_pretrained(tmp_path / "mine")
