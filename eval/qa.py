@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rag.errors import RagError
+from rag.errors import BadInput, RagError
 from rag.metrics import has_answer, in_normalised, normalize_answer, recall_at_k, score_answer
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _done(path: Path) -> dict[int, dict]:
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
             done[rec["index"]] = rec
     return done
@@ -177,7 +177,9 @@ def _check_run(out: Path, pipe, examples, n_docs: int, decoding: dict) -> None:
 
 def evaluate(pipe, examples, modes: list[str], out: Path, n_docs: int | None = None, batch_size: int = 8,
              decoding: dict | None = None, progress: bool = True) -> dict:
-    n_docs = n_docs or pipe.cfg.n_docs
+    n_docs = pipe.cfg.n_docs if n_docs is None else n_docs
+    if n_docs < 1 or batch_size < 1:
+        raise BadInput(f"n_docs and batch_size must be >= 1, got {n_docs} and {batch_size}")
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, pipe, examples, n_docs, decoding or {})
     flags = answerable(examples, pipe)
@@ -219,6 +221,10 @@ def _run(ap, args) -> int:
     from rag.passages import CorpusError
     from rag.qa_data import QAReport, read_qa
 
+    for name in ("limit", "n_docs", "batch_size", "beams", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -227,7 +233,7 @@ def _run(ap, args) -> int:
                 if v is not None}
     report = QAReport()
     examples = read_qa(args.data, args.format, args.on_error, args.question_field, args.answer_field, report)
-    examples = examples[: args.limit] if args.limit else examples
+    examples = examples[: args.limit] if args.limit is not None else examples
     if not examples:
         raise CorpusError(f"no questions with answers in {args.data}")
     log.info("%d questions (%d without answers, %d malformed skipped)", len(examples), report.skipped_no_answer,
@@ -237,7 +243,7 @@ def _run(ap, args) -> int:
     pipe = load_pipeline(args.config, tuple(args.set))  # a config's missing index is built first
     summary = evaluate(pipe, examples, modes, Path(args.out).expanduser(), args.n_docs, args.batch_size, decoding,
                        progress=not args.quiet)
-    print(markdown(summary, modes, args.n_docs or pipe.cfg.n_docs), end="")
+    print(markdown(summary, modes, args.n_docs or pipe.cfg.n_docs), end="")  # n_docs is >= 1 or None here
     print(f"predictions and summary in {args.out}")
     return 0
 

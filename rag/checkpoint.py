@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rag.errors import RagError
+from rag.files import parse_json
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "progress.json")
 
@@ -116,8 +117,8 @@ def _write_json(path: Path, value) -> None:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read ({e}); the checkpoint is damaged, resume from another") \
             from None
 

@@ -39,6 +39,15 @@ def writing(final: str | Path):
         raise
 
 
+def parse_json(text: str | bytes):
+    """json.loads whose every failure is a ValueError: a document nested thousands deep makes the parser raise
+    RecursionError, which a reader's `except ValueError` would let through as a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
 def save_npy(path: Path, array) -> None:
     """np.save through `writing` (a file object: np.save would add ".npy" to the temporary's name)."""
     import numpy as np

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rag.errors import RagError
-from rag.files import TEMP_NAME, write_json_atomic
+from rag.files import TEMP_NAME, parse_json, write_json_atomic
 from rag.weights import expand_path
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,10 @@ class IndexFolder:
         if not path.is_file():
             raise IndexFolderError(f"{self.path} is not a built index folder (no {MANIFEST}); {BUILD_HINT}")
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest = parse_json(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise IndexFolderError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rebuild with --overwrite") from None
-        except RecursionError:
-            raise IndexFolderError(f"{path}: nested too deep to be a manifest; rebuild with --overwrite") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise IndexFolderError(f"{path}: cannot be read ({e}); rebuild with --overwrite") from None
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION \
                 or manifest.get("complete") is not True:

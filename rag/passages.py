@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from rag.config import ConfigError, CorpusConfig, PassageConfig
 from rag.errors import RagError
+from rag.files import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def json_records(path: Path, on_error: str, skip: Callable[[str], None]) -> Iter
             continue
         where = f"{path}:{number}"
         try:
-            rec = json.loads(line)
+            rec = parse_json(line)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
@@ -188,9 +188,9 @@ def read_hf_disk(path: Path, cfg: CorpusConfig, report: ReadReport) -> Iterator[
 def read_demo(path: Path, cfg: CorpusConfig, report: ReadReport) -> Iterator[Document]:
     # One 6 MB JSON object (title -> {title, extract, ...}); the only reader that parses its whole file at once.
     try:
-        data = json.loads(_decode_file(path))
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        data = parse_json(_decode_file(path))
+    except ValueError as e:
+        raise CorpusError(f"{path}:{getattr(e, 'lineno', 1)}: malformed JSON ({getattr(e, 'msg', e)})") from None
     for key, rec in data.items():
         if not isinstance(rec, dict):
             rec = {}

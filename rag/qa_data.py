@@ -6,11 +6,11 @@ Shared by training (rag.train) and evaluation (eval/). Bad records are errors na
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag.files import parse_json
 from rag.passages import CorpusError, json_records
 
 
@@ -58,18 +58,34 @@ def detect_format(path: Path) -> str:
 
 def _add(out: list, report: QAReport, where: str, question, answers, on_error: str, qid: str = "",
          patterns: bool = False) -> None:
-    if not isinstance(question, str) or not question.strip():
-        message = f"{where}: record has no question"
+    problem = _problem(question, answers, patterns)
+    if problem:
         if on_error == "raise":
-            raise CorpusError(message + " (set on_error: skip to skip such records)")
-        report.skip(message)
+            raise CorpusError(f"{where}: {problem} (set on_error: skip to skip such records)")
+        report.skip(f"{where}: {problem}")
         return
     report.read += 1
-    answers = tuple(a.strip() for a in (answers or []) if isinstance(a, str) and a.strip())
+    answers = tuple(str(a).strip() for a in (answers or []) if str(a).strip())
     if not answers:
         report.skipped_no_answer += 1
         return
     out.append(QAExample(question.strip(), answers, qid, patterns))
+
+
+def _problem(question, answers, patterns: bool) -> str | None:
+    """What makes a record unusable, or None. Answers are a list of strings (numbers are read as text): an object
+    once became its keys as gold, and a pattern that does not compile once silently never matched."""
+    if not isinstance(question, str) or not question.strip():
+        return "record has no question"
+    if answers is not None and (not isinstance(answers, list) or any(
+            isinstance(a, bool) or not isinstance(a, (str, int, float)) for a in answers)):
+        return f"answers must be a list of strings, got {str(answers)[:80]}"
+    for a in (answers or []) if patterns else []:
+        try:
+            re.compile(a)
+        except re.error as e:
+            return f"answer pattern {a!r} is not a regular expression ({e})"
+    return None
 
 
 def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", question_field: str = "question",
@@ -85,18 +101,19 @@ def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", questi
     if fmt == "jsonl":
         for number, where, rec in json_records(path, on_error, report.skip):
             answers = rec.get(answer_field, rec.get("answers"))
-            answers = [answers] if isinstance(answers, str) else answers
+            answers = [answers] if isinstance(answers, (str, int, float)) and not isinstance(answers, bool) \
+                else answers
             _add(out, report, where, rec.get(question_field), answers, on_error, str(rec.get("id", number)))
         return out
     if fmt == "curatedtrec":
         _read_curatedtrec(path, out, report, on_error)
         return out
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        data = parse_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+    except ValueError as e:
+        raise CorpusError(f"{path}:{getattr(e, 'lineno', 1)}: malformed JSON ({getattr(e, 'msg', e)})") from None
     if fmt == "webquestions":
         for i, rec in enumerate(data):
             answers = rec.get("answers") or _webquestions_answers(rec.get("targetValue", ""))
@@ -129,11 +146,11 @@ def _read_curatedtrec(path: Path, out: list, report: QAReport, on_error: str) ->
         answers = None
         if tab:
             try:
-                answers = json.loads(raw)
-            except json.JSONDecodeError:
+                answers = parse_json(raw)
+            except ValueError:
                 try:
                     answers = ast.literal_eval(raw)  # literals only: no code runs
-                except (ValueError, SyntaxError):
+                except (ValueError, SyntaxError, RecursionError, MemoryError):
                     answers = None
         if not isinstance(answers, list):
             message = f"{where}: expected 'question<TAB>[answer patterns]'"

@@ -144,3 +144,18 @@ def test_a_rerun_with_other_data_or_settings_is_refused(tmp_path, pipe):
     with pytest.raises(qa.RunMismatch, match="decoding differ"):
         qa.evaluate(pipe, examples[:2], ["retrieval"], tmp_path / "out", decoding={"num_beams": 2}, progress=False)
     qa.evaluate(pipe, examples[:2], ["retrieval", "token"], tmp_path / "out", progress=False)  # same run, more modes
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 1"),
+    (["--n-docs", "0"], "--n-docs must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_eval_numbers_out_of_range_are_one_line(tmp_path, capsys, args, words):
+    """--limit 0 once evaluated everything, --limit -1 dropped the last question, --n-docs 0 was ignored."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "q", "answer": ["a"]}\n')
+    assert qa.main(["--data", str(data), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1

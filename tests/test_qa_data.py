@@ -62,3 +62,60 @@ def test_readers(tmp_path):
 def test_shared_files():
     assert len(read_qa(SHARED / "nq-open.dev.jsonl")) == 3610
     assert len(read_qa(SHARED / "webquestions.train.json")) == 2834
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("jsonl", '{"question": "q", "answer": ' + DEEP + "}\n"),
+    ("jsonl", DEEP + "\n"),
+    ("webquestions", DEEP),
+    ("triviaqa", '{"Data": ' + DEEP + "}"),
+    ("curatedtrec", "question\t" + DEEP + "\n"),
+])
+def test_json_nested_100000_deep_is_one_error_naming_the_file(tmp_path, fmt, text):
+    path = tmp_path / "deep.txt"
+    path.write_text(text)
+    with pytest.raises(CorpusError, match="deep.txt"):
+        read_qa(path, fmt)
+
+
+def test_deep_json_in_corpus_update_and_training_readers(tmp_path):
+    from rag.config import CorpusConfig
+    from rag.passages import ReadReport, read_corpus
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": "a", "text": ' + DEEP + "}\n")
+    with pytest.raises(CorpusError, match="corpus.jsonl:1"):
+        list(read_corpus(CorpusConfig(format="jsonl", path=str(path)), ReadReport()))
+    report = ReadReport()
+    assert list(read_corpus(CorpusConfig(format="jsonl", path=str(path), on_error="skip"), report)) == []
+    assert report.skipped_malformed == 1
+
+
+@pytest.mark.parametrize("answer, words", [
+    ({"paris": 1}, "answers must be a list of strings"),
+    ([["paris"]], "answers must be a list of strings"),
+    ([True], "answers must be a list of strings"),
+])
+def test_answers_that_are_not_strings_are_malformed(tmp_path, answer, words):
+    """An answer given as an object once became its key as gold."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": answer}) + "\n")
+    with pytest.raises(CorpusError, match=f"qa.jsonl:1: {words}"):
+        read_qa(path)
+    assert read_qa(path, on_error="skip") == []
+
+
+def test_a_number_answer_is_read_as_text(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": 1984}) + "\n")
+    assert read_qa(path)[0].answers == ("1984",)
+
+
+def test_an_invalid_curatedtrec_pattern_is_an_error_not_a_miss(tmp_path):
+    path = tmp_path / "trec.tsv"
+    path.write_text('what year?\t["19(84"]\n')
+    with pytest.raises(CorpusError, match=r"trec.tsv:1: answer pattern '19\(84' is not a regular expression"):
+        read_qa(path)
