@@ -68,7 +68,12 @@ def _read_ids(path: str | None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UpdateError(f"delete list {p} does not exist")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UpdateError(f"delete list {p}: invalid UTF-8 at byte offset {e.start}; write one document id per line "
+                          "in UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _drift_warning(index: faiss.Index, cfg: IndexConfig, old_sample: np.ndarray, new: np.ndarray) -> str | None:

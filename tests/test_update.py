@@ -226,3 +226,10 @@ def test_an_update_that_changes_nothing_reports_the_current_generation(tmp_path,
     (tmp_path / "unknown.txt").write_text("nope\n")
     report = update(base, delete=str(tmp_path / "unknown.txt"), progress=False)
     assert report.generation == 0 == IndexFolder(base).read_manifest()["generation"]
+
+
+def test_a_delete_list_that_is_not_utf8_is_one_error(tmp_path, tiny_bert):
+    base = make(tmp_path, tiny_bert, long_docs(3), "base")
+    (tmp_path / "del.txt").write_bytes(b"doc1\n\xff\xfe\n")
+    with pytest.raises(UpdateError, match="del.txt: invalid UTF-8 at byte offset 5"):
+        update(base, delete=str(tmp_path / "del.txt"), progress=False)

@@ -69,3 +69,36 @@ def test_a_missing_part_falls_back_to_the_hub_name(split_zip):
     assert weights.resolve("org/tiny") == "org/tiny"
     assert not cached.exists()
 
+
+
+@pytest.mark.parametrize("what", ["encoder", "adapter"])
+def test_pickle_weights_are_refused_in_one_line(tmp_path, tiny_bert, what):
+    """A pytorch_model.bin / adapter_model.bin was loaded (transformers and peft fall back to pickle files)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rag.config import ConfigError, EncoderConfig
+    from rag.encoders import Encoder
+
+    if what == "encoder":
+        folder = tmp_path / "model"
+        shutil.copytree(tiny_bert, folder)
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+        with pytest.raises(ConfigError, match="pytorch_model.bin is a pickle file"):
+            Encoder.from_config(EncoderConfig(name=str(folder)))
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModel
+
+        from rag.adapters import merge_adapter
+
+        folder = tmp_path / "adapter"
+        get_peft_model(AutoModel.from_pretrained(tiny_bert), LoraConfig(r=2, target_modules=["query"])) \
+            .save_pretrained(folder)
+        torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+        (folder / "adapter_model.safetensors").unlink()
+        with pytest.raises(ConfigError, match="adapter_model.bin is a pickle file"):
+            merge_adapter(AutoModel.from_pretrained(tiny_bert), folder, "query_encoder.adapter")
