@@ -16,13 +16,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from rag.config import BuildConfig, save_config
 from rag.encoders import encoder_record
 from rag.errors import RagError
-from rag.files import save_npy, write_json_atomic, writing
+from rag.files import open_npy, save_npy, write_faiss, write_json_atomic, writing
 from rag.index import build_faiss, factory_string
 from rag.index_folder import (
     INDEX_FILE,
@@ -214,7 +213,7 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
 
 def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
     with writing(out / VECTORS_FILE) as tmp:
-        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=cfg.index.vector_dtype, shape=(count, dim))
+        merged = open_npy(tmp, cfg.index.vector_dtype, (count, dim))
         for i, (start, stop) in enumerate(shard_ranges(count, cfg.index.shard_size)):
             merged[start:stop] = np.load(_shard_path(out, i), mmap_mode="r")
         merged.flush()
@@ -306,8 +305,7 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
     if "index" not in state["stages"]:
         t = time.perf_counter()
         index, extra = build_faiss(vectors, cfg.index, progress)
-        with writing(out / INDEX_FILE) as tmp:
-            faiss.write_index(index, str(tmp))
+        write_faiss(index, out / INDEX_FILE)
         state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
         _save_state(out, state)
     stages = state["stages"]

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.encoders import Encoder
 from rag.errors import RagError
-from rag.files import save_npy, writing
+from rag.files import open_npy, save_npy, write_faiss, writing
 from rag.index import DenseIndex, augment, build_faiss, factory_string
 from rag.index_folder import DELETED_FILE, INDEX_FILE, STORE_FILE, VECTORS_FILE, IndexFolder
 from rag.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
@@ -177,8 +177,7 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
             else:
                 index.add(augment(vecs, norm2))
         index_name = where.generation_name(INDEX_FILE, gen)
-        with writing(where.file(index_name)) as tmp:
-            faiss.write_index(index, str(tmp))
+        write_faiss(index, where.file(index_name))
         deleted = np.union1d(current.deleted, removed_rows).astype(np.int64)
         deleted_name = None
         if len(deleted):
@@ -215,8 +214,7 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
             for s in range(0, len(keep), 10_000):
                 w.add(p for p in current.passages(keep[s : s + 10_000]))
         with writing(where.file(vec_name)) as tmp:
-            vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=current.vectors.dtype,
-                                                shape=(len(keep), current.dim))
+            vectors = open_npy(tmp, current.vectors.dtype, (len(keep), current.dim))
             for s in range(0, len(keep), 50_000):
                 vectors[s : s + 50_000] = current.vectors[keep[s : s + 50_000]]
             vectors.flush()
@@ -231,8 +229,7 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
         else:
             index, extra = build_faiss(vectors, cfg, progress)
             norm2 = extra["mips_norm2"]
-        with writing(where.file(index_name)) as tmp:
-            faiss.write_index(index, str(tmp))
+        write_faiss(index, where.file(index_name))
         del vectors
         new = where.next_manifest(
             manifest, segments=[{"store": store_name, "vectors": vec_name, "rows": int(len(keep))}],

@@ -56,6 +56,39 @@ def save_npy(path: Path, array) -> None:
         np.save(f, array)
 
 
+def open_npy(path: Path, dtype, shape: tuple[int, ...]):
+    """A writable memory-mapped .npy of `shape` whose blocks are allocated on disk first: a disk that fills up
+    then fails here with ENOSPC (an OSError naming the file), not later with SIGBUS inside a write to the map."""
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        del array
+        raise OSError(e.errno, f"{os.strerror(e.errno)}: {size / 2**30:.2f} GiB needed", str(path)) from None
+    finally:
+        os.close(fd)
+    return array
+
+
+def write_faiss(index, path: Path) -> None:
+    """faiss.write_index through `writing`; a failed write (full disk, a size limit) is an OSError naming the file,
+    not faiss's RuntimeError."""
+    import errno
+
+    import faiss
+
+    with writing(path) as tmp:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:
+            raise OSError(errno.EIO, f"cannot write the index ({str(e).splitlines()[0][:120]}); is the disk full?",
+                          str(path)) from None
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     with writing(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

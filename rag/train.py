@@ -140,6 +140,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     from rag.pipeline import load_rag_config
 
     out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} is a file; give the run a folder of its own")
     # `cfg.rag` (a RAG config or a trained folder) with `cfg.rag_set`: the one RagConfig (mode, k, decoding,
     # precision) trained with, evaluated with and saved
     rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
