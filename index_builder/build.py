@@ -7,7 +7,6 @@ Started with `accelerate launch`, every process encodes a contiguous block of sh
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 from rag.config import BuildConfig, save_config
 from rag.encoders import encoder_record
 from rag.errors import RagError
-from rag.files import open_npy, save_npy, write_faiss, write_json_atomic, writing
+from rag.files import open_npy, parse_json, save_npy, write_faiss, write_json_atomic, writing
 from rag.index import build_faiss, factory_string
 from rag.index_folder import (
     INDEX_FILE,
@@ -79,8 +78,19 @@ def is_build(out: Path) -> bool:
 def _saved_identity(out: Path) -> dict | None:
     for name in (STATE_FILE, MANIFEST):
         if (out / name).is_file():
-            return json.loads((out / name).read_text(encoding="utf-8")).get("identity")
+            return _read_json(out / name).get("identity")
     return None
+
+
+def _read_json(path: Path) -> dict:
+    """A build's own JSON (build.json, manifest.json); damage is one error naming the file."""
+    try:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BuildError(f"{path}: cannot be read ({e}); rebuild with --overwrite") from None
+    if not isinstance(data, dict):
+        raise BuildError(f"{path}: not a JSON object; rebuild with --overwrite")
+    return data
 
 
 def _check_folder(out: Path, cfg: BuildConfig, how: str = "rerun with --overwrite") -> dict | None:
@@ -99,7 +109,7 @@ def _check_folder(out: Path, cfg: BuildConfig, how: str = "rerun with --overwrit
                 )
             if name == MANIFEST:
                 return {"complete": True}
-            state = json.loads((out / STATE_FILE).read_text())
+            state = _read_json(out / STATE_FILE)
             _check_same_corpus(out, cfg, state, how)
             return state
     raise BuildError(f"{out} exists and is not an index build; use another output folder or --overwrite")
@@ -250,7 +260,7 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
     dist.wait_for_everyone()
     if (out / MANIFEST).is_file() and not (out / STATE_FILE).is_file():
         return out
-    state = json.loads((out / STATE_FILE).read_text())
+    state = _read_json(out / STATE_FILE)
     count = len(PassageStore(out / STORE_FILE))
     if "vectors" not in state["stages"]:
         t1 = time.perf_counter()
