@@ -328,6 +328,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     return from_dict(cls, data, where=str(path) if path else "config")
 
 
+SAVED_CONFIG = "rag.yaml"  # beside query_encoder/ and generator/ in a save_pretrained folder
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     from rag.files import writing
 

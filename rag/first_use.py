@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def load_pipeline(source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = (),
                   trainable: bool = False):
     """`RagPipeline.load` of a source (see `load_rag_config`) whose missing index is built first."""
-    from rag.pipeline import RagPipeline, load_rag_config
+    from rag.pipeline import RagPipeline
+    from rag.resolve import load_rag_config
 
     cfg = load_rag_config(source, tuple(overrides))
     ensure_index(cfg)

@@ -9,6 +9,8 @@ Targets are answer token ids without a start token, ending with EOS, padded with
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +98,23 @@ def by_length(mask: torch.Tensor, run, left: bool) -> list:
 
 def _clean_title(title: str) -> str:
     return title[1:-1] if len(title) > 1 and title[0] == title[-1] == '"' else title
+
+
+def kv_cache(module: nn.Module, cache) -> dict:
+    """The key/value cache as the keyword this transformers takes: `cache` in 5.x, where `past_key_values` is
+    deprecated (removal announced for 5.40); only `past_key_values` before."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The key/value cache a forward pass returned (`cache` in transformers 5.x, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class Generator(nn.Module):
@@ -252,7 +271,7 @@ class Seq2SeqGenerator(Generator):
     def _decoder(self, encoder_out, decoder_input_ids: torch.Tensor, cache=None, use_cache: bool = False):
         hidden, mask = encoder_out
         return self.model(encoder_outputs=hidden, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                          past_key_values=cache, use_cache=use_cache)
+                          **kv_cache(self.model, cache), use_cache=use_cache)
 
     def _rows(self, ctx: Contexts, rows: torch.Tensor):
         """Encoder output and mask of the given rows (gathered once per decoding, not per step)."""
@@ -270,9 +289,9 @@ class Seq2SeqGenerator(Generator):
         if ctx.cross is None:  # one decoder step (no LM head) over every context row fills the cross-attention
             start = torch.full((len(ctx.input_ids), 1), self.start_id, dtype=torch.long, device=self.device)
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            self.model.get_decoder()(input_ids=start, encoder_hidden_states=self.encode(ctx),
-                                     encoder_attention_mask=ctx.attention_mask, past_key_values=cache,
-                                     use_cache=True)
+            decoder = self.model.get_decoder()
+            decoder(input_ids=start, encoder_hidden_states=self.encode(ctx), encoder_attention_mask=ctx.attention_mask,
+                    **kv_cache(decoder, cache), use_cache=True)
             self._keep_cross(ctx, cache)
         return EncoderDecoderCache(DynamicCache(), DynamicCache(ddp_cache_data=[(k[rows], v[rows])
                                                                                 for k, v in ctx.cross]))
@@ -302,15 +321,15 @@ class Seq2SeqGenerator(Generator):
 
             out = self._decoder(encoder_out, start, cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
                                 use_cache=True)
-            self._keep_cross(ctx, out.past_key_values)
+            self._keep_cross(ctx, cache_of(out))
         else:
             out = self._decoder(encoder_out, start, cache=self._cache(ctx, rows), use_cache=True)
-        return DecodeState(rows=rows, cache=out.past_key_values, extra={"encoder_out": encoder_out}), \
+        return DecodeState(rows=rows, cache=cache_of(out), extra={"encoder_out": encoder_out}), \
             out.logits[:, -1]
 
     def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         out = self._decoder(state.extra["encoder_out"], tokens[:, None], cache=state.cache, use_cache=True)
-        state.cache = out.past_key_values
+        state.cache = cache_of(out)
         return out.logits[:, -1]
 
     def reorder(self, state: DecodeState, index: torch.Tensor) -> None:
@@ -386,7 +405,7 @@ class CausalGenerator(Generator):
             # an adapter merge): 330 ms instead of 4 ms per prompt batch for SmolLM2's 49k x 576 head
             extra = {"logits_to_keep": torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)}
         return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=cache is not None or None, **extra)
+                          **kv_cache(self.model, cache), use_cache=cache is not None or None, **extra)
 
     def _prefix(self, ctx: Contexts) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Key/value cache and last-position logits of every prompt, computed once per context row and reused by
@@ -399,7 +418,7 @@ class CausalGenerator(Generator):
             if P:
                 ones = ctx.attention_mask[:1, :P]
                 out = self._forward(ctx.input_ids[:1, :P], ones, ones.cumsum(1) - 1, DynamicCache())
-                head = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                head = [t for layer in cache_of(out).layers for t in (layer.keys, layer.values)]
 
             def run(rows, width):  # left padding: a row's own tokens are its last `width` columns
                 mask = torch.cat([ctx.attention_mask[rows, :P], ctx.attention_mask[rows, -width:]], 1)
@@ -408,7 +427,7 @@ class CausalGenerator(Generator):
                                                      for k, v in zip(head[0::2], head[1::2], strict=True)] or None)
                 # only the last prompt position's logits are needed: no (R, S, V) LM-head output for the prompts
                 out = self._forward(ctx.input_ids[rows, -width:], mask, positions, cache, last_only=True)
-                layers = out.past_key_values.layers
+                layers = cache_of(out).layers
                 return [(out.logits[:, -1], None)] + [(t[:, :, P:], 2) for layer in layers
                                                       for t in (layer.keys, layer.values)]
 
@@ -444,7 +463,7 @@ class CausalGenerator(Generator):
     def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens)[:, None]], 1)
         out = self._forward(tokens[:, None], state.attention_mask, state.positions[:, None], state.cache)
-        state.cache = out.past_key_values
+        state.cache = cache_of(out)
         state.positions = state.positions + 1
         return out.logits[:, -1]
 

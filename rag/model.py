@@ -27,6 +27,20 @@ class Generated:
     token_posteriors: tuple[tuple[float, ...], ...]  # (T, K) p(z|x,y_<=t): which passage produced each token
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What a training step's loss is made of (rag.train builds it from the TrainConfig and the RagConfig)."""
+
+    mode: str = "sequence"
+    n_docs: int = 5
+    smoothing: float = 0.0
+    rag_weight: float = 1.0
+    distant_weight: float = 0.0
+    distant_docs: int = 50
+    distant_scale: float = 20.0
+    unanswerable_weight: float = 1.0
+
+
 class RagModel(nn.Module):
     def __init__(self, retriever: Retriever, generator: Generator, prior_scale: float = 1.0):
         super().__init__()
@@ -51,16 +65,17 @@ class RagModel(nn.Module):
         return (lp.view(B, K, T), None if vocab_sum is None else vocab_sum.view(B, K, T),
                 None if full_lp is None else full_lp.view(B, K, T, -1))
 
-    def forward(self, questions: list[str], answers: list[str], mode: str = "sequence", n_docs: int = 5,
-                smoothing: float = 0.0, rag_weight: float = 1.0, distant_weight: float = 0.0,
-                distant_docs: int = 50, distant_scale: float = 20.0,
-                unanswerable_weight: float = 1.0) -> torch.Tensor:
+    def forward(self, questions: list[str], answers: list[str], settings: LossSettings = LossSettings()) \
+            -> torch.Tensor:
         """rag_weight · the RAG loss + distant_weight · the distant-supervision loss of BERT_q, per question (B,).
 
         Distant supervision (as DPR and ORQA train retrievers without gold passages): among the top
         `distant_docs` passages, those holding the answer string are positives. With rag_weight 0 the generator
         is not run at all. The RAG loss of a question none of whose `n_docs` passages holds its answer is
         weighted by `unanswerable_weight`."""
+        mode, n_docs, smoothing = settings.mode, settings.n_docs, settings.smoothing
+        rag_weight, distant_weight = settings.rag_weight, settings.distant_weight
+        distant_docs, unanswerable_weight = settings.distant_docs, settings.unanswerable_weight
         k = max(n_docs, distant_docs if distant_weight else 0)
         retrieved = self.retriever(questions, k)
         device = retrieved.doc_scores.device
@@ -71,7 +86,7 @@ class RagModel(nn.Module):
                                 device=device) if needs_positives else None
         if distant_weight:
             total = total + distant_weight * marginal.distant_supervision_loss(retrieved.doc_scores, positive,
-                                                                              distant_scale)
+                                                                              settings.distant_scale)
         if rag_weight:
             weight = torch.ones(len(questions), device=device)
             if unanswerable_weight != 1.0:

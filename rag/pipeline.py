@@ -17,16 +17,13 @@ from pathlib import Path
 
 import torch
 
-from rag.adapters import ADAPTER_CONFIG, has_adapter, name_base_model
+from rag.adapters import has_adapter, name_base_model
 from rag.config import (
-    ConfigError,
+    SAVED_CONFIG,
     DecodingConfig,
     EncoderConfig,
     RagConfig,
-    apply_overrides,
     from_dict,
-    load_config,
-    resolve_config_path,
     save_config,
     to_dict,
 )
@@ -38,13 +35,11 @@ from rag.index_folder import IndexFolder
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.precision import name_of
+from rag.resolve import load_rag_config  # noqa: F401 - importable from here, as the README shows
 from rag.retriever import NonFinite, Retrieved, Retriever, check_questions
 from rag.weights import quiet_bars
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = "configs/rag/demo.yaml"
-SAVED_CONFIG = "rag.yaml"  # beside query_encoder/ and generator/ in a save_pretrained folder
 
 
 @dataclass(frozen=True)
@@ -108,40 +103,6 @@ def _finite(x):
 SUPPORT_MIN = 0.2  # posterior mass; with k=5 a fifth is what one passage holds under a uniform posterior
 
 
-def load_rag_config(source: str | Path | RagConfig | None = None, overrides: tuple[str, ...] = ()) -> RagConfig:
-    """The RagConfig of a `load` source: a save_pretrained folder, a YAML file (or a shipped config's name such as
-    "configs/rag/demo.yaml"), a RagConfig, or None for the embedded default."""
-    if isinstance(source, RagConfig):
-        return from_dict(RagConfig, apply_overrides(to_dict(source), overrides))
-    folder = Path(source).expanduser() if source is not None else None
-    if folder is not None and folder.is_dir():
-        if not (folder / SAVED_CONFIG).is_file():
-            raise ConfigError(f"{folder} has no {SAVED_CONFIG}: it is not a folder written by "
-                              "RagPipeline.save_pretrained or training; give a RAG config YAML or such a folder")
-        # each part is whole weights (name = the subfolder) or an adapter over the base weights rag.yaml names
-        parts = [f"{part}.adapter={folder / part}" if (folder / part / ADAPTER_CONFIG).is_file()
-                 else f"{part}.name={folder / part}" for part in ("query_encoder", "generator")]
-        return load_config(RagConfig, folder / SAVED_CONFIG, (*parts, *overrides))
-    cfg = load_config(RagConfig, resolve_config_path(source or DEFAULT_CONFIG), overrides)
-    if cfg.source and cfg.source.startswith(TRANSFORMERS) and cfg.query_encoder is None:
-        return _from_transformers_config(cfg)
-    return cfg
-
-
-TRANSFORMERS = "transformers:"  # `source: transformers:NAME` in a RAG config: the models of that RAG checkpoint
-
-
-def _from_transformers_config(cfg: RagConfig) -> RagConfig:
-    """A config naming a transformers RAG checkpoint as its source (configs/rag/rag-token-nq.yaml): the converted
-    checkpoint's models, mode and context settings, with the config's index, k, decoding, device and precision."""
-    from rag.transformers_rag import ensure_converted
-
-    base = load_rag_config(ensure_converted(cfg.source[len(TRANSFORMERS):].split(" ")[0], cfg.index))
-    return dataclasses.replace(base, index=cfg.index, build=cfg.build, n_docs=cfg.n_docs, decoding=cfg.decoding,
-                               device=cfg.device, faiss_gpu=cfg.faiss_gpu, precision=cfg.precision,
-                               prior_scale=cfg.prior_scale)
-
-
 class RagPipeline:
     """BERT_q + index + generator on one device. Public calls never change the pipeline, except `reload_index`."""
 
@@ -184,6 +145,20 @@ class RagPipeline:
     @property
     def device(self) -> torch.device:
         return self.model.generator.device
+
+    @property
+    def module(self) -> RagModel:
+        """The nn.Module a trainer optimises (its forward is the RAG loss, see `LossSettings`)."""
+        return self.model
+
+    @property
+    def generation(self) -> int:
+        """The index folder's generation being served."""
+        return self.model.retriever.index.generation
+
+    @property
+    def index_folder(self) -> Path:
+        return self.model.retriever.index.folder
 
     def parts(self) -> dict[str, torch.nn.Module]:
         """The trainable parts by name (BERT_d and the index are never trained)."""

@@ -299,7 +299,7 @@ def create_app(pipe, settings: ServeSettings = ServeSettings()):
     async def healthz():
         if not worker.alive:
             return error(503, "the model worker has stopped; restart the server")
-        return {"status": "ok", "generation": pipe.model.retriever.index.generation}
+        return {"status": "ok", "generation": pipe.generation}
 
     @app.get("/info")
     async def info():
@@ -336,7 +336,7 @@ async def _watch(pipe, worker: Worker, every: float) -> None:
     """Reload when the index folder's manifest names a new generation (an update or compact finished)."""
     from rag.index_folder import IndexFolder
 
-    folder = IndexFolder(pipe.model.retriever.index.folder)
+    folder = IndexFolder(pipe.index_folder)
     failed = None  # a generation that failed to load is not retried until another one appears
     while True:
         await asyncio.sleep(every)
@@ -345,12 +345,12 @@ async def _watch(pipe, worker: Worker, every: float) -> None:
         except Exception as e:  # noqa: BLE001 - a folder being rewritten: look again next time
             log.warning("watching %s: %s", folder.path, e)
             continue
-        if generation != pipe.model.retriever.index.generation and generation != failed:
+        if generation != pipe.generation and generation != failed:
             try:
                 await asyncio.wrap_future(worker.submit(Job("reload", ("reload",)), bounded=False))
             except Exception as e:  # noqa: BLE001 - the old generation keeps serving; try the next one
                 log.warning("watching %s: generation %d could not be loaded (%s); still serving generation %d",
-                            folder.path, generation, e, pipe.model.retriever.index.generation)
+                            folder.path, generation, e, pipe.generation)
                 failed = generation
                 continue
             log.info("reloaded %s at generation %d", folder.path, generation)

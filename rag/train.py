@@ -28,6 +28,7 @@ import torch
 from rag import checkpoint
 from rag.config import TrainConfig, load_config, resolve_config_path, save_config, to_dict
 from rag.errors import RagError
+from rag.model import LossSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class _TiedWeightsNote(logging.Filter):
         return "Removed shared tensor" not in record.getMessage()
 
 
-logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
+TIED_WEIGHTS_NOTE = _TiedWeightsNote()
 
 
 class Progress:
@@ -126,18 +127,17 @@ def _checkpoints(out: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Trained:
-    final: Path  # the saved model (RagPipeline.from_pretrained loads it)
+    final: Path  # the saved model (RagPipeline.load loads it)
     pipeline: object  # this process's trained RagPipeline
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Trained:
-    from accelerate import Accelerator
+    """Train as `cfg` says (resuming from a checkpoint with `resume`); the saved model is OUTPUT/final."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     from rag.first_use import load_pipeline
-    from rag.pipeline import load_rag_config
+    from rag.resolve import load_rag_config
 
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -145,18 +145,103 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     # `cfg.rag` (a RAG config or a trained folder) with `cfg.rag_set`: the one RagConfig (mode, k, decoding,
     # precision) trained with, evaluated with and saved
     rag_cfg = load_rag_config(cfg.rag, cfg.rag_set)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(rag_cfg),
-                      gradient_accumulation_steps=cfg.grad_accum,
-                      log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
+    acc = _accelerator(cfg, rag_cfg, out)
     set_seed(cfg.seed)
     examples, report = load_examples(cfg)
-    dev = []
-    if cfg.data.dev:
-        from rag.qa_data import read_qa
-
-        dev = read_qa(cfg.data.dev, "auto", cfg.data.on_error)[: cfg.data.dev_limit]
+    dev = _dev_examples(cfg)
     pipe = load_pipeline(rag_cfg, trainable=True)  # float32 weights; the precision comes through accelerate
-    model = pipe.model  # the loop holds the model it trains; everything else goes through the pipeline
+    groups = _trainable_groups(cfg, pipe)
+    optimizer, scheduler = _optimiser(cfg, groups)
+    model, optimizer, scheduler = acc.prepare(pipe.module, optimizer, scheduler)
+    state = _start(acc, cfg, out, resume, model, optimizer, scheduler)
+    log.info("%d training examples (%d without answers and %d malformed skipped)", len(examples),
+             report.skipped_no_answer, report.skipped_malformed)
+    run = Run(acc, cfg, out, model, optimizer, scheduler, groups,
+              LossSettings(pipe.cfg.mode, pipe.cfg.n_docs, cfg.label_smoothing, cfg.rag_loss, cfg.distant_loss,
+                           cfg.distant_docs, cfg.distant_scale, cfg.unanswerable_weight))
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (progress and acc.is_main_process))
+    while state.step < cfg.max_steps:
+        loss = run.step(state.step, examples)
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        run.after_step(state, pipe, dev, loss)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        pipe.save_pretrained(out / "final")
+    acc.end_training()
+    pipe.module.eval()  # the returned pipeline answers like the saved one: no dropout in BERT_q
+    return Trained(out / "final", pipe)
+
+
+@dataclass
+class Run:
+    """What every optimiser step needs: the prepared objects and the loss settings."""
+
+    acc: object
+    cfg: TrainConfig
+    out: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    groups: list[dict]
+    settings: LossSettings
+
+    def step(self, step: int, examples: list) -> float:
+        """One optimiser step over this process's micro-batches; returns the mean loss."""
+        acc, cfg = self.acc, self.cfg
+        micro = batches_for(step, examples, cfg, acc.num_processes)
+        mine = micro[acc.process_index :: acc.num_processes]
+        total = 0.0
+        for batch in mine:
+            with acc.accumulate(self.model):
+                questions, answers = [q for q, _ in batch], [a for _, a in batch]
+                loss = self.model(questions, answers, self.settings).mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {loss.item()} at step {step + 1} on the batch starting "
+                                        f"{questions[:3]!r}; lower the learning rate or check the data")
+                if loss.requires_grad:  # not when every question of the batch had weight 0
+                    acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_([p for g in self.groups for p in g["params"]], cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+                total += loss.item() / len(mine)
+        _check_finite(self.groups, step + 1, self.out)
+        return total
+
+    def after_step(self, state: Progress, pipe, dev: list, loss: float) -> None:
+        """Log, evaluate and checkpoint when the config says so."""
+        cfg, last = self.cfg, state.step == self.cfg.max_steps
+        if state.step % cfg.log_every == 0 or last:
+            _log(self.acc, self.out, cfg, {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}, state.step)
+        if dev and (state.step % cfg.eval_every == 0 or last):
+            _evaluate(self.acc, pipe, dev, cfg, state, self.out)
+        if state.step % cfg.checkpoint_every == 0 or last:
+            _save_checkpoint(self.acc, self.out, cfg, state, self.model, self.optimizer, self.scheduler)
+
+
+def _accelerator(cfg: TrainConfig, rag_cfg, out: Path):
+    from accelerate import Accelerator
+
+    logging.getLogger("accelerate.utils.other").addFilter(TIED_WEIGHTS_NOTE)  # once: the same filter object
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(rag_cfg),
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
+
+
+def _dev_examples(cfg: TrainConfig) -> list:
+    if not cfg.data.dev:
+        return []
+    from rag.qa_data import read_qa
+
+    return read_qa(cfg.data.dev, "auto", cfg.data.on_error)[: cfg.data.dev_limit]
+
+
+def _trainable_groups(cfg: TrainConfig, pipe) -> list[dict]:
+    """Freeze what does not train, add LoRA layers and gradient checkpointing as asked; the optimiser's groups."""
     parts = pipe.parts()
     query_encoder, generator = parts["query_encoder"], parts["generator"]
     query_encoder.requires_grad_(cfg.train_query_encoder)
@@ -181,10 +266,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                        "lr": cfg.lr_query_encoder})
     if cfg.train_generator:
         groups.append({"params": [p for p in generator.parameters() if p.requires_grad], "lr": cfg.lr_generator})
+    return groups
+
+
+def _optimiser(cfg: TrainConfig, groups: list[dict]):
+    from transformers import get_linear_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+
+
+def _start(acc, cfg: TrainConfig, out: Path, resume: str | None, model, optimizer, scheduler) -> Progress:
+    """A fresh run (its config written beside its output) or the state of the checkpoint `resume` names."""
     state = Progress()
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     if resume:
         path = _resolve_resume(out, resume)
         _check_same_config(path, cfg)
@@ -196,50 +290,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         save_config(cfg, out / "train.yaml")
     if cfg.tracker == "tensorboard":
         acc.init_trackers("rag", config={k: str(v) for k, v in to_dict(cfg).items()})
-    log.info("%d training examples (%d without answers and %d malformed skipped)", len(examples),
-             report.skipped_no_answer, report.skipped_malformed)
-
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (progress and acc.is_main_process))
-    while state.step < cfg.max_steps:
-        micro = batches_for(state.step, examples, cfg, acc.num_processes)
-        mine = micro[acc.process_index :: acc.num_processes]
-        total = 0.0
-        for batch in mine:
-            with acc.accumulate(model):
-                questions, answers = [q for q, _ in batch], [a for _, a in batch]
-                loss = model(questions, answers, mode=pipe.cfg.mode, n_docs=pipe.cfg.n_docs,
-                             smoothing=cfg.label_smoothing,
-                             rag_weight=cfg.rag_loss, distant_weight=cfg.distant_loss,
-                             distant_docs=cfg.distant_docs, distant_scale=cfg.distant_scale,
-                             unanswerable_weight=cfg.unanswerable_weight).mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {loss.item()} at step {state.step + 1} on the batch starting "
-                                        f"{questions[:3]!r}; lower the learning rate or check the data")
-                if loss.requires_grad:  # not when every question of the batch had weight 0
-                    acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    acc.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                total += loss.item() / len(mine)
-        _check_finite(groups, state.step + 1, out)
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}")
-        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-            _log(acc, out, cfg, {"loss": total, "lr": scheduler.get_last_lr()[0]}, state.step)
-        if dev and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
-            _evaluate(acc, pipe, dev, cfg, state, out)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-            _save_checkpoint(acc, out, cfg, state, model, optimizer, scheduler)
-    bar.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        pipe.save_pretrained(out / "final")
-    acc.end_training()
-    pipe.model.eval()  # the returned pipeline answers like the saved one: no dropout in BERT_q
-    return Trained(out / "final", pipe)
+    return state
 
 
 def _check_finite(groups: list[dict], step: int, out: Path) -> None:
@@ -277,10 +328,10 @@ def _log(acc, out: Path, cfg: TrainConfig, values: dict, step: int) -> None:
 def _evaluate(acc, pipe, dev, cfg, state, out):
     acc.wait_for_everyone()
     if acc.is_main_process:
-        was = pipe.model.training
-        pipe.model.eval()
+        was = pipe.module.training
+        pipe.module.eval()
         scores = evaluate(pipe, dev)
-        pipe.model.train(was)
+        pipe.module.train(was)
         _log(acc, out, cfg, {f"dev/{k}": v for k, v in scores.items()}, state.step)
         log.info("step %d dev %s", state.step, json.dumps(scores))
         if scores["exact_match"] + scores["f1"] / 1000 > state.best:  # EM first, F1 breaks ties

@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from rag.config import ConfigError, DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig, save_config
+from rag.config import SAVED_CONFIG, ConfigError, DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig, save_config
 from rag.weights import cache_dir, loading, quiet_bars, resolve
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ def converted_folder(source: str) -> Path:
 
 def ensure_converted(source: str, index: str, out: str | Path | None = None) -> Path:
     """The converted folder of `source` (default: `converted_folder`), converting it first if it is not there."""
-    from rag.pipeline import SAVED_CONFIG
 
     out = Path(out).expanduser() if out else converted_folder(source)
     return out if (out / SAVED_CONFIG).is_file() else convert(source, index, out)

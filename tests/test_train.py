@@ -10,7 +10,7 @@ import torch
 
 from rag.config import load_config, save_config
 from rag.errors import BadInput
-from rag.model import RagModel
+from rag.model import LossSettings, RagModel
 from rag.pipeline import RagPipeline
 from rag.train import TrainConfig, TrainingError, train
 from tests.conftest import DOCS, write_jsonl
@@ -174,7 +174,8 @@ def test_distant_supervision_alone_trains_bert_q_without_the_generator(setup, tm
 
     def distant(model):
         with torch.no_grad():
-            return model(questions, answers, n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8).mean()
+            return model(questions, answers, LossSettings(n_docs=3, rag_weight=0.0, distant_weight=1.0,
+                                                          distant_docs=8)).mean()
 
     before = distant(start.model).item()
     monkeypatch.setattr(RagModel, "target_logprobs", never)
@@ -192,9 +193,9 @@ def test_the_rag_and_distant_losses_add(setup):
     model = RagPipeline.load(setup[1]).model
     q, a = ["capital of france", "who wrote the novel"], ["paris", "austen"]
     with torch.no_grad():
-        both = model(q, a, n_docs=3, rag_weight=1.0, distant_weight=0.5, distant_docs=8)
+        both = model(q, a, LossSettings(n_docs=3, rag_weight=1.0, distant_weight=0.5, distant_docs=8))
         rag = model.loss(q, a, n_docs=3)
-        distant = model(q, a, n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8)
+        distant = model(q, a, LossSettings(n_docs=3, rag_weight=0.0, distant_weight=1.0, distant_docs=8))
     assert torch.allclose(both, rag + 0.5 * distant, atol=1e-5) and (rag > 0).all()
 
 
@@ -307,9 +308,9 @@ def test_unanswerable_questions_weighted(setup):
     held = pipe.retrieve("capital of france", 3)[0][0].text.split()[0]  # a word its first passage holds
     q, a = ["capital of france", "capital of france"], [held, "zanzibar"]
     with torch.no_grad():
-        full = model(q, a, n_docs=3)
-        half = model(q, a, n_docs=3, unanswerable_weight=0.5)
-        none = model(q, a, n_docs=3, unanswerable_weight=0.0)
+        full = model(q, a, LossSettings(n_docs=3))
+        half = model(q, a, LossSettings(n_docs=3, unanswerable_weight=0.5))
+        none = model(q, a, LossSettings(n_docs=3, unanswerable_weight=0.0))
     assert torch.allclose(half, full * torch.tensor([1.0, 0.5]), atol=1e-5)
     assert none[1] == 0 and torch.isclose(none[0], full[0], atol=1e-5)
 
