@@ -365,7 +365,7 @@ def test_reloads_are_coalesced_and_do_not_bypass_the_queue(serve, pipe, monkeypa
 
 
 def test_a_slow_client_is_cut_off_after_the_header_timeout(pipe):
-    from rag.http_guard import header_timeout_protocol
+    from rag.serve.guard import header_timeout_protocol
 
     app = create_app(pipe, ServeSettings())
     server = Server(app, http=header_timeout_protocol(0.5))
