@@ -35,7 +35,7 @@ def measure(config: str, precision: str, n: int) -> dict:
     knob = ["--set", f"precision={precision}"]
     cold_s, cold_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", config, "--json", *knob])
     cold_answer = json.loads(out)["text"]
-    # RAG-sequence with beams per passage: k x beams hypotheses rescored under k passages (README, "Ask")
+    # RAG-sequence with beams per passage: k x beams hypotheses rescored under k passages (docs/usage.md, "Ask")
     seq_s, seq_peak, out = run_module("rag", ["ask", QUESTIONS[0], "--config", config, "--json", "--mode", "sequence",
                                               "--beams", "4", "--n-docs", "10", *knob])
     t = time.perf_counter()

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while they wait hold a core another process needs: beside a 2-thread training run on 2
-# cores, warm answer() took 3.7 s with the default policy and 1.8 s with PASSIVE (README, "Threads"). Read by the
-# OpenMP runtime when torch first loads, so it is set here, before any torch import of this package; a user's own
-# OMP_WAIT_POLICY wins.
+# OpenMP threads that spin while they wait hold a core another process needs (measured: docs/results.md, "Threads
+# on a shared machine"). Read by the OpenMP runtime when torch first loads, so it is set here, before any torch
+# import of this package; a user's own OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

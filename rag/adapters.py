@@ -2,7 +2,7 @@
 
 A saved adapter is peft's own folder (adapter_config.json + adapter_model.safetensors, no pickle); loading merges
 it into the base weights, so the model keeps the base's classes, shapes, dtype and speed (merged weights no longer
-require grad, which made one torch matmul path copy the LM head: README, "The fine-tuned default").
+require grad, which made one torch matmul path copy the LM head: docs/results.md, "The fine-tuned default").
 """
 
 from __future__ import annotations

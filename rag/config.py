@@ -84,7 +84,7 @@ class EncoderConfig:
     # How a passage title reaches the encoder: as the first segment of a pair (DPR), as a prefix, or not at all.
     title: Literal["pair", "prefix", "none"] = "pair"
     # Query encoder only: end each question with "?". NQ-open's questions have none; sentence encoders learnt on
-    # questions that do (+0.8 answer-recall@5 on EfficientQA dev with all-MiniLM-L6-v2, README "Retrieval levers").
+    # questions that do (docs/results.md, "Retrieval levers").
     question_mark: bool = False
     # A LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors) merged into the weights at
     # load; a relative path may name one shipped with the package (configs/adapters/...).
@@ -201,7 +201,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 # Keys of earlier releases: renamed (new name) or dropped (None), so that their saved configs still load.
 LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_precision"): None,
                # extractive decoding (copying with hand-made rules) was removed once the fine-tuned reader answered
-               # better without it (README, "The fine-tuned default"); old configs and saved models still load
+               # better without it (docs/results.md, "The fine-tuned default"); old configs and saved models still load
                ("DecodingConfig", "copy"): None, ("DecodingConfig", "max_answer_words"): None,
                ("DecodingConfig", "copy_sentences"): None}
 

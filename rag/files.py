@@ -15,7 +15,7 @@ TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # what `fresh_temp` names;
 
 def fresh_temp(final: Path) -> Path:
     """A new empty regular file beside `final` under a random name, created with O_EXCL | O_NOFOLLOW: a link
-    planted in the folder under any name is never written through (the trust model of README "Failure behaviour")."""
+    planted in the folder under any name is never written through (the trust model of docs/failure-behaviour.md)."""
     while True:
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
         try:

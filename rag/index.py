@@ -213,7 +213,7 @@ class DenseIndex:
         return self.index.ntotal - len(self.deleted)
 
     def require_passages(self) -> None:
-        """Retrieval over an emptied index is an error that says how to fill it (README "Failure behaviour")."""
+        """Retrieval over an emptied index is an error that says how to fill it (docs/failure-behaviour.md)."""
         if not len(self):
             raise EmptyIndex(f"{self.folder} has no passages to retrieve (every document was deleted); add "
                              f"documents with `python -m index_builder update --index {self.folder} --add FILE`")

@@ -1,6 +1,6 @@
 """The index folder on disk: the one owner of its format (manifest, file names, generations, lock, encoder identity).
 
-Folder layout (see README, "On-disk format"):
+Folder layout (see docs/configuration.md, "On-disk format"):
     manifest.json   what was built, with what, file sizes and sha256 checksums, the build report; the current
                     generation's files
     config.yaml     the resolved build config
@@ -42,7 +42,7 @@ DELETED_FILE = "deleted.npy"
 STATE_FILE = "build.json"
 SHARDS = "shards"
 LOCK = ".update.lock"
-BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see README)"
+BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see docs/usage.md)"
 
 # What identifies the encoder that made an index's vectors. A query encoder must agree on the first three (the
 # vector space); an update must also use the very same weights (the fingerprint), or old and new passages would not

@@ -4,8 +4,8 @@
 GPU that supports it) and float32 elsewhere, so a machine without them is never slower than before.
 
 Inference (answering, encoding passages) holds the weights in that dtype: under `torch.autocast` every weight is
-cast again at every call, which made a SmolLM2 decoding step 6x slower than float32 on a 2-core AMD EPYC, while
-bfloat16 weights made it faster. Training keeps float32 weights and gets the same precision as accelerate's mixed
+cast again at every call, which made a SmolLM2 decoding step slower than float32 (docs/usage.md, "Precision"),
+while bfloat16 weights made it faster. Training keeps float32 weights and gets the same precision as accelerate's mixed
 precision (`RagPipeline.load(..., trainable=True)`). The numerics that matter stay float32 in the code that calls
 the models: pooled vectors, doc scores d(z)ᵀq(x), the log-softmax and logsumexp of the marginals, beam scores.
 """

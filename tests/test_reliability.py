@@ -1,4 +1,4 @@
-"""Failure behaviour, one test per class of fault (README, "Failure behaviour"). Classes tested beside their module:
+"""Failure behaviour, one test per class of fault (docs/failure-behaviour.md). Classes tested beside their module:
 
 - a crafted manifest reaching outside its folder: test_index.py::test_a_crafted_manifest_cannot_reach_outside_its_folder
 - nothing in a training checkpoint is unpickled, frozen parts are not saved:

@@ -252,7 +252,7 @@ def test_the_page_in_a_real_browser(serve):
         browser.quit()
 
 
-# -- a browser tab and other clients the server must not trust (README "Failure behaviour") ----------------------
+# -- a browser tab and other clients the server must not trust (docs/failure-behaviour.md) ----------------------
 
 
 def raw(server, head: str, body: bytes = b"", timeout: float = 30) -> tuple[int, dict | str]:
