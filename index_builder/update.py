@@ -100,51 +100,19 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
            progress: bool = True, _before_switch=None) -> UpdateReport:
     """Add, replace and delete documents (keyed by document id) in `folder` as a new generation."""
     where = IndexFolder(folder)
-    folder = where.path
     t0 = time.perf_counter()
     with where.lock():
         current = DenseIndex.load(where)  # reads the manifest and checks the files against it
         manifest = current.manifest
         where.sweep(manifest)
         files = where.layout(manifest)
-        gen = files["generation"] + 1
-        report = UpdateReport(generation=gen)
-        cfg = _build_config(folder, overrides)
-        doc_col = current.store.table.column("doc_id")
-        live = np.ones(current.index.ntotal, dtype=bool)
-        live[current.deleted] = False
-        known = set(pc.unique(doc_col.filter(pa.array(live))).to_pylist())  # documents searchable now
-
-        adds = _read_docs(add, fmt, on_error, report)
-        replaces = _read_docs(replace, fmt, on_error, report)
-        deletes = _read_ids(delete)
-        repeated = sorted(i for i, n in Counter(d.id for d in adds + replaces).items() if n > 1)
-        if repeated:
-            raise UpdateError(f"{add or replace}: document id(s) given twice in this update: "
-                              f"{', '.join(repeated[:10])}; give each document once")
-        clash = [d.id for d in adds if d.id in known]
-        if clash:
-            raise UpdateError(f"{add}: document(s) already in the index: {', '.join(clash[:10])}; "
-                              "use --replace to change them")
-        report.unknown_deletes = [i for i in deletes if i not in known]
-        if report.unknown_deletes:
-            msg = f"not in the index, nothing deleted for: {', '.join(report.unknown_deletes[:20])}"
-            log.warning(msg)
-            report.warnings.append(msg)
-        report.deleted_docs = [i for i in deletes if i in known]
-        report.replaced_docs = [d.id for d in replaces if d.id in known]
-        new_docs = adds + replaces
-        report.added_docs = [d.id for d in adds] + [d.id for d in replaces if d.id not in known]
+        report = UpdateReport(generation=files["generation"] + 1)
+        cfg = _build_config(where.path, overrides)
+        new_docs, removed_rows = _plan(current, Changes(add, replace, delete, fmt, on_error), report)
         if not new_docs and not report.deleted_docs:
-            log.warning("nothing to change in %s; it stays at generation %d", folder, gen - 1)
-            report.generation = gen - 1  # no generation was written
+            log.warning("nothing to change in %s; it stays at generation %d", where.path, files["generation"])
+            report.generation = files["generation"]  # no generation was written
             return report
-
-        gone = set(report.deleted_docs) | set(report.replaced_docs)
-        hit = pc.is_in(doc_col, value_set=pa.array(sorted(gone), type=pa.string())).to_numpy(zero_copy_only=False)
-        removed_rows = np.flatnonzero(hit & live)
-        report.removed_passages = int(len(removed_rows))
-
         splitter = sentence_splitter(cfg.passages.language) if cfg.passages.sentence_boundaries else None
         passages = [p for d in new_docs for p in split_document(d, cfg.passages, splitter)]
         report.added_passages = len(passages)
@@ -152,48 +120,109 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         index = faiss.read_index(str(where.file(files["index_file"])))  # a private copy to add to
         index_settings = None
         if passages:
-            encoder = Encoder.from_config(cfg.encoder)
-            where.check_encoder(manifest, encoder.identity(), same_weights=True)
-            vecs = encoder.encode([p.text for p in passages], [p.title for p in passages],
-                                  progress="encode new passages" if progress else False)
-            store_name, vec_name = where.generation_name(STORE_FILE, gen), where.generation_name(VECTORS_FILE, gen)
-            with writing(where.file(store_name)) as tmp, StoreWriter(tmp) as w:
-                w.add(passages)
-            save_npy(where.file(vec_name), vecs.astype(cfg.index.vector_dtype))
-            segments.append({"store": store_name, "vectors": vec_name, "rows": len(passages)})
-            norm2 = manifest["index"].get("mips_norm2")
-            if norm2 is not None and float(np.einsum("nd,nd->n", vecs, vecs).max()) > norm2 * (1 + 1e-6):
-                report.warnings.append("added passages have larger norms than the HNSW transform's bound; their "
-                                       "scores are approximate until `index_builder compact`")
-            sample = np.asarray(current.vectors[np.sort(np.random.default_rng(0).choice(
-                current.index.ntotal, min(2000, current.index.ntotal), replace=False))], dtype=np.float32)
-            warning = _drift_warning(index, current.cfg, sample, vecs)
-            if warning:
-                log.warning(warning)
-                report.warnings.append(warning)
-            if index.ntotal == 0 and current.cfg.type != "ivfpq":  # an emptied index: build it anew over these
-                index, extra = build_faiss(vecs, current.cfg, progress=False)
-                index_settings = {**manifest["index"], "mips_norm2": extra["mips_norm2"]}
-            else:
-                index.add(augment(vecs, norm2))
-        index_name = where.generation_name(INDEX_FILE, gen)
-        write_faiss(index, where.file(index_name))
-        deleted = np.union1d(current.deleted, removed_rows).astype(np.int64)
-        deleted_name = None
-        if len(deleted):
-            deleted_name = where.generation_name(DELETED_FILE, gen)
-            save_npy(where.file(deleted_name), deleted)
-        report.seconds = time.perf_counter() - t0
-        new_manifest = where.next_manifest(
-            manifest, segments=segments, index_file=index_name, deleted_file=deleted_name, deleted=len(deleted),
-            count=index.ntotal, index=index_settings,
-            history={k: v for k, v in asdict(report).items() if k != "generation"})
+            segment, index, index_settings = _add_segment(where, current, cfg, passages, index, report, progress)
+            segments.append(segment)
+        new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, report, t0)
         if _before_switch is not None:
             _before_switch()  # tests: a crash after writing the new files, before the switch
         where.switch(manifest, new_manifest)
-        log.info("%s: generation %d current (+%d passages, -%d)", folder, gen, report.added_passages,
-                 report.removed_passages)
+        log.info("%s: generation %d current (+%d passages, -%d)", where.path, report.generation,
+                 report.added_passages, report.removed_passages)
         return report
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What an update was asked to do: files of documents to add and to replace, a file of ids to delete."""
+
+    add: str | None
+    replace: str | None
+    delete: str | None
+    fmt: str
+    on_error: str
+
+
+def _plan(current: DenseIndex, asked: Changes, report: UpdateReport) -> tuple[list[Document], np.ndarray]:
+    """Read and check the changes against the documents searchable now: the documents to encode and the rows to
+    mask. Fills the report's lists."""
+    doc_col = current.store.table.column("doc_id")
+    live = np.ones(current.index.ntotal, dtype=bool)
+    live[current.deleted] = False
+    known = set(pc.unique(doc_col.filter(pa.array(live))).to_pylist())  # documents searchable now
+    adds = _read_docs(asked.add, asked.fmt, asked.on_error, report)
+    replaces = _read_docs(asked.replace, asked.fmt, asked.on_error, report)
+    deletes = _read_ids(asked.delete)
+    repeated = sorted(i for i, n in Counter(d.id for d in adds + replaces).items() if n > 1)
+    if repeated:
+        raise UpdateError(f"{asked.add or asked.replace}: document id(s) given twice in this update: "
+                          f"{', '.join(repeated[:10])}; give each document once")
+    clash = [d.id for d in adds if d.id in known]
+    if clash:
+        raise UpdateError(f"{asked.add}: document(s) already in the index: {', '.join(clash[:10])}; "
+                          "use --replace to change them")
+    report.unknown_deletes = [i for i in deletes if i not in known]
+    if report.unknown_deletes:
+        msg = f"not in the index, nothing deleted for: {', '.join(report.unknown_deletes[:20])}"
+        log.warning(msg)
+        report.warnings.append(msg)
+    report.deleted_docs = [i for i in deletes if i in known]
+    report.replaced_docs = [d.id for d in replaces if d.id in known]
+    report.added_docs = [d.id for d in adds] + [d.id for d in replaces if d.id not in known]
+    gone = set(report.deleted_docs) | set(report.replaced_docs)
+    hit = pc.is_in(doc_col, value_set=pa.array(sorted(gone), type=pa.string())).to_numpy(zero_copy_only=False)
+    removed_rows = np.flatnonzero(hit & live)
+    report.removed_passages = int(len(removed_rows))
+    return adds + replaces, removed_rows
+
+
+def _add_segment(where: IndexFolder, current: DenseIndex, cfg: BuildConfig, passages: list, index: faiss.Index,
+                 report: UpdateReport, progress: bool) -> tuple[dict, faiss.Index, dict | None]:
+    """Encode the new passages with the index's own encoder, write them as the generation's segment and add them
+    to the index; returns the segment, the index and changed index settings (None when unchanged)."""
+    manifest, gen = current.manifest, report.generation
+    encoder = Encoder.from_config(cfg.encoder)
+    where.check_encoder(manifest, encoder.identity(), same_weights=True)
+    vecs = encoder.encode([p.text for p in passages], [p.title for p in passages],
+                          progress="encode new passages" if progress else False)
+    store_name, vec_name = where.generation_name(STORE_FILE, gen), where.generation_name(VECTORS_FILE, gen)
+    with writing(where.file(store_name)) as tmp, StoreWriter(tmp) as w:
+        w.add(passages)
+    save_npy(where.file(vec_name), vecs.astype(cfg.index.vector_dtype))
+    norm2 = manifest["index"].get("mips_norm2")
+    if norm2 is not None and float(np.einsum("nd,nd->n", vecs, vecs).max()) > norm2 * (1 + 1e-6):
+        report.warnings.append("added passages have larger norms than the HNSW transform's bound; their "
+                               "scores are approximate until `index_builder compact`")
+    sample = np.asarray(current.vectors[np.sort(np.random.default_rng(0).choice(
+        current.index.ntotal, min(2000, current.index.ntotal), replace=False))], dtype=np.float32)
+    warning = _drift_warning(index, current.cfg, sample, vecs)
+    if warning:
+        log.warning(warning)
+        report.warnings.append(warning)
+    settings = None
+    if index.ntotal == 0 and current.cfg.type != "ivfpq":  # an emptied index: build it anew over these
+        index, extra = build_faiss(vecs, current.cfg, progress=False)
+        settings = {**manifest["index"], "mips_norm2": extra["mips_norm2"]}
+    else:
+        index.add(augment(vecs, norm2))
+    return {"store": store_name, "vectors": vec_name, "rows": len(passages)}, index, settings
+
+
+def _write_generation(where: IndexFolder, current: DenseIndex, segments: list[dict], index: faiss.Index,
+                      removed_rows: np.ndarray, index_settings: dict | None, report: UpdateReport, t0: float) -> dict:
+    """Write the generation's index and deletion list; returns its manifest (not yet current)."""
+    gen = report.generation
+    index_name = where.generation_name(INDEX_FILE, gen)
+    write_faiss(index, where.file(index_name))
+    deleted = np.union1d(current.deleted, removed_rows).astype(np.int64)
+    deleted_name = None
+    if len(deleted):
+        deleted_name = where.generation_name(DELETED_FILE, gen)
+        save_npy(where.file(deleted_name), deleted)
+    report.seconds = time.perf_counter() - t0
+    return where.next_manifest(
+        current.manifest, segments=segments, index_file=index_name, deleted_file=deleted_name,
+        deleted=len(deleted), count=index.ntotal, index=index_settings,
+        history={k: v for k, v in asdict(report).items() if k != "generation"})
 
 
 def compact(folder: str | Path, retrain: bool = False, progress: bool = True, index: dict | None = None) -> int:
