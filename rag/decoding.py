@@ -122,9 +122,15 @@ def greedy(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
     seqs = tokens[:, : t + 1].tolist()  # (B, L)
     out = []
     for b, seq in enumerate(seqs):
-        n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))
-        out.append([Hypothesis(tuple(seq[:n]), float(total[b]) / n ** cfg.length_penalty, float(total[b]))])
+        seq = _up_to_eos(seq, eos)
+        out.append([Hypothesis(seq, float(total[b]) / len(seq) ** cfg.length_penalty, float(total[b]))])
     return out
+
+
+def _up_to_eos(seq: list[int], eos: list[int]) -> tuple[int, ...]:
+    """A decoded row cut after its first end-of-sequence token."""
+    n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))
+    return tuple(seq[:n])
 
 
 def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
@@ -182,24 +188,19 @@ def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: i
             break
         stepper.reorder((beam_src + batch_offset).reshape(-1))
         lp = stepper.step(running[:, :, t].reshape(-1))
-    out = []
-    for b in range(batch):
-        hyps = []
-        for w in range(W):
-            if finished_scores[b, w] <= NEG / 2:
-                continue
-            seq = finished[b, w].tolist()
-            n = next((i + 1 for i, x in enumerate(seq) if x in eos), len(seq))
-            hyps.append(Hypothesis(tuple(seq[:n]), float(finished_scores[b, w]), float(finished_raw[b, w])))
-        out.append(hyps)
-    return out
+    return _finished(finished, finished_scores, finished_raw, eos)
+
+
+def _finished(seqs: torch.Tensor, scores: torch.Tensor, raw: torch.Tensor, eos: list[int]) -> list[list[Hypothesis]]:
+    """(B, W, L) finished beams with their scores -> each question's hypotheses, best first (empty slots left out)."""
+    return [[Hypothesis(_up_to_eos(seqs[b, w].tolist(), eos), float(scores[b, w]), float(raw[b, w]))
+             for w in range(seqs.shape[1]) if scores[b, w] > NEG / 2] for b in range(seqs.shape[0])]
 
 
 def search(stepper, batch: int, cfg: DecodingConfig, gen: Generator) -> list[list[Hypothesis]]:
-    forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     run = greedy if cfg.num_beams == 1 else beam_search
     with torch.inference_mode():
-        return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, forced_bos)
+        return run(stepper, batch, cfg, gen.eos_ids, gen.pad_id, gen.forced_bos)
 
 
 def rag_token(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: DecodingConfig) -> list[list[Hypothesis]]:
@@ -243,13 +244,12 @@ def rag_sequence(gen: Generator, ctx: Contexts, doc_lp: torch.Tensor, cfg: Decod
     B, K = doc_lp.shape
     rows = torch.arange(B * K, device=doc_lp.device)
     per_row = search(RowStepper(gen, ctx, rows, cfg.num_beams), B * K, cfg, gen)
-    forced_bos = getattr(gen.model.config, "forced_bos_token_id", None) if gen.is_seq2seq else None
     out = []
     for b in range(B):
         beams = per_row[b * K : (b + 1) * K]
         cands = list(dict.fromkeys(h.tokens for hs in beams for h in hs))  # dedupe, first seen first
         if cfg.sequence_decoding == "thorough":
-            scores = score_hypotheses(gen, ctx, doc_lp, b, cands, forced_bos)
+            scores = score_hypotheses(gen, ctx, doc_lp, b, cands, gen.forced_bos)
         else:
             scores = torch.full((len(cands),), float("-inf"))
             index = {c: i for i, c in enumerate(cands)}

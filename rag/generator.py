@@ -240,6 +240,11 @@ class Seq2SeqGenerator(Generator):
 
     is_seq2seq = True
 
+    @property
+    def forced_bos(self) -> int | None:
+        """BART's forced first token (transformers' `forced_bos_token_id`): decoding forces it, scoring ignores it."""
+        return getattr(self.model.config, "forced_bos_token_id", None)
+
     def __init__(self, model, tokenizer, cfg):
         super().__init__(model, tokenizer, cfg)
         self.start_id = int(model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None
@@ -351,6 +356,7 @@ class CausalGenerator(Generator):
     """Decoder-only LMs: passage and question in a prompt (the chat template where the tokenizer has one)."""
 
     is_seq2seq = False
+    forced_bos = None
 
     def __init__(self, model, tokenizer, cfg):
         super().__init__(model, tokenizer, cfg)
