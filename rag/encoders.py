@@ -12,21 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rag.config import ConfigError, EncoderConfig
+from rag.precision import Placed, resolve_device  # noqa: F401 - resolve_device importable from here
 
 log = logging.getLogger(__name__)
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """The one device rule: auto is the (first) CUDA GPU when torch sees one, else the CPU."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but torch sees no CUDA GPU; use device=cpu or auto")
-    return device
-
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of the parameters: two encoders with the same fingerprint give the same vectors."""
@@ -44,7 +32,7 @@ def encoder_record(cfg: EncoderConfig) -> dict:
             "title": cfg.title}
 
 
-class Encoder(nn.Module):
+class Encoder(Placed, nn.Module):
     """A transformers encoder with pooling: `forward` is differentiable, `encode` is batched inference."""
 
     def __init__(self, model: nn.Module, tokenizer, cfg: EncoderConfig):
@@ -89,18 +77,6 @@ class Encoder(nn.Module):
         if whole is not None:
             enc.__dict__["whole"] = whole  # not a submodule: its weights are `model`'s
         return enc.place(cfg.device, cfg.precision)
-
-    def place(self, device: str = "auto", precision: str = "auto") -> Encoder:
-        """Move to `device`, the weights in the dtype of `precision` (rag/precision.py)."""
-        from rag.precision import resolve_precision
-
-        dev = resolve_device(device)
-        self.to(device=dev, dtype=resolve_precision(precision, dev))
-        return self
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def identity(self) -> dict:
         """The keys `rag.index_folder.check_encoder` compares with an index's encoder record."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from rag.config import GeneratorConfig
 from rag.passages import Passage
+from rag.precision import Placed
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-class Generator(nn.Module):
+class Generator(Placed, nn.Module):
     """Common parts; subclasses fill in how contexts are built and decoded."""
 
     is_seq2seq: bool
@@ -143,18 +144,6 @@ class Generator(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def place(self, device: torch.device, precision: str = "auto") -> Generator:
-        """Move to `device`, the weights in the dtype of `precision` (rag/precision.py). Callers take logits to
-        float32 before any log-softmax."""
-        from rag.precision import resolve_precision
-
-        self.to(device=device, dtype=resolve_precision(precision, device))
-        return self
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def with_config(self, **changes) -> Generator:
         """The same model and tokenizer under changed settings (e.g. a longer context), leaving this one as it is."""

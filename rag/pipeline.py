@@ -27,14 +27,14 @@ from rag.config import (
     save_config,
     to_dict,
 )
-from rag.encoders import Encoder, encoder_record, resolve_device
+from rag.encoders import Encoder, encoder_record
 from rag.errors import BadInput, BadType
 from rag.generator import load_generator
 from rag.index import DenseIndex
 from rag.index_folder import IndexFolder
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
-from rag.precision import name_of
+from rag.precision import name_of, resolve_device
 from rag.resolve import load_rag_config  # noqa: F401 - importable from here, as the README shows
 from rag.retriever import NonFinite, Retrieved, Retriever, check_questions
 from rag.weights import quiet_bars

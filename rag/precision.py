@@ -69,3 +69,32 @@ def _log_once(device: str, dtype: torch.dtype, why: str) -> None:
 
 def name_of(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The one device rule: auto is the (first) CUDA GPU when torch sees one, else the CPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but torch sees no CUDA GPU; use device=cpu or auto")
+    return device
+
+
+class Placed:
+    """A wrapper of a transformers model (`self.model`) that the one device and precision policy places: BERT_q,
+    BERT_d and the generator."""
+
+    def place(self, device: str | torch.device = "auto", precision: str = "auto"):
+        """Move to `device`, the weights in the dtype of `precision`; callers take outputs to float32 before any
+        log-softmax or pooling."""
+        dev = resolve_device(device)
+        self.to(device=dev, dtype=resolve_precision(precision, dev))
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -227,7 +227,9 @@ def _accelerator(cfg: TrainConfig, rag_cfg, out: Path):
     from accelerate import Accelerator
 
     logging.getLogger("accelerate.utils.other").addFilter(TIED_WEIGHTS_NOTE)  # once: the same filter object
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(rag_cfg),
+    from rag.precision import resolve_device
+
+    return Accelerator(cpu=resolve_device(rag_cfg.device).type == "cpu", mixed_precision=_mixed_precision(rag_cfg),
                        gradient_accumulation_steps=cfg.grad_accum,
                        log_with="tensorboard" if cfg.tracker == "tensorboard" else None, project_dir=str(out))
 
@@ -304,12 +306,11 @@ def _check_finite(groups: list[dict], step: int, out: Path) -> None:
 
 
 def _mixed_precision(rag_cfg) -> str:
-    """accelerate's mixed precision from the RAG config's one precision knob (rag/precision.py), on the device
-    accelerate picks (a GPU when torch sees one)."""
-    from rag.encoders import resolve_device
-    from rag.precision import resolve_precision
+    """accelerate's mixed precision from the RAG config's one precision knob, on the RAG config's device (both
+    decided by rag/precision.py)."""
+    from rag.precision import resolve_device, resolve_precision
 
-    dtype = resolve_precision(rag_cfg.precision, resolve_device("auto"))
+    dtype = resolve_precision(rag_cfg.precision, resolve_device(rag_cfg.device))
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
