@@ -170,7 +170,11 @@ def load_causal_lm(name: str):
     if name not in GGUF_PACKAGES:
         return None, None
     package, gguf = GGUF_PACKAGES[name]
-    cached = cache_dir() / "models" / name.replace("/", "--")
+    import transformers
+
+    # one conversion per transformers major version: a tokenizer saved by 5.x does not load in 4.x
+    major = transformers.__version__.split(".")[0]
+    cached = cache_dir() / "models" / f"{name.replace('/', '--')}.transformers{major}"
     if (cached / "config.json").is_file():
         with loading("generator.name", str(cached)):
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
