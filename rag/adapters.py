@@ -40,13 +40,26 @@ def merge_adapter(model: nn.Module, path: str | Path, key: str) -> nn.Module:
     folder = adapter_folder(path, key)
     try:
         with _quiet():
-            merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+            config = _lora_config(folder)
+            merged = PeftModel.from_pretrained(model, str(folder), config=config).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}={str(path)!r} does not fit this model ({first}); was it trained on "
                           "another base model?") from None
     log.info("merged the adapter %s", folder)
     return merged
+
+
+def _lora_config(folder: Path):
+    """The adapter's LoraConfig from the keys this peft knows: a config saved by a newer peft (the shipped adapters)
+    loads on the oldest supported one without a warning about keys it ignores anyway."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    record = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in record.items() if k in known})
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, modules: tuple[str, ...], key: str) -> nn.Module:

@@ -104,7 +104,8 @@ def _clean_title(title: str) -> str:
 def kv_cache(module: nn.Module, cache) -> dict:
     """The key/value cache as the keyword this transformers takes: `cache` in 5.x, where `past_key_values` is
     deprecated (removal announced for 5.40); only `past_key_values` before."""
-    return {_cache_keyword(type(module)): cache}
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # a peft model: its base's
+    return {_cache_keyword(type(base)): cache}
 
 
 @functools.cache
