@@ -237,6 +237,7 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
     from accelerate import PartialState
 
     dist = PartialState(cpu=not torch.cuda.is_available())  # several CPU processes talk over gloo
+    check_settings(cfg)
     out = IndexFolder(cfg.output).path
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} is a file, not a folder; give the index a folder of its own")
@@ -309,6 +310,24 @@ def _overwrite(cfg: BuildConfig, out: Path, dist, progress: bool) -> Path:
     return out
 
 
+def check_settings(cfg: BuildConfig) -> None:
+    """Settings only a later stage would trip on, refused before any work: the index kind, the stemmer."""
+    from rag import bm25
+    from rag.index_kinds import kind_of
+
+    kind_of(cfg.index)
+    if cfg.sparse.kind == "bm25":
+        bm25.stemmer(cfg.sparse.language)
+
+
+def build_sparse(folder: IndexFolder, generation: int, store: PassageStore, cfg) -> dict:
+    """The BM25 part over every row of `store` (deleted rows are masked at search, as in FAISS)."""
+    from rag import bm25
+
+    log.info("BM25 over %d passages", len(store))
+    return bm25.build(folder, generation, store.column("title"), store.column("text"), cfg)
+
+
 def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
     vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
     count, dim = vectors.shape
@@ -318,14 +337,20 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         write_faiss(index, out / INDEX_FILE)
         state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
         _save_state(out, state)
-    stages = state["stages"]
     folder = IndexFolder(out)
+    if cfg.sparse.kind == "bm25" and "sparse" not in state["stages"]:
+        t = time.perf_counter()
+        state["stages"]["sparse"] = {"record": build_sparse(folder, 0, PassageStore(out / STORE_FILE), cfg.sparse),
+                                     "seconds": time.perf_counter() - t}
+        _save_state(out, state)
+    stages = state["stages"]
     manifest = folder.first_manifest(
         count=count, dim=dim,
         encoder={**encoder_record(cfg.encoder), "fingerprint": stages["vectors"]["fingerprint"]},
         index={**asdict(cfg.index), "factory": factory_string(cfg.index),
                "mips_norm2": stages["index"].get("mips_norm2")},
         passages=asdict(cfg.passages), corpus=asdict(cfg.corpus), identity=state["identity"],
+        sparse=stages.get("sparse", {}).get("record"),
         build={**stages["passages"]["report"], "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()},
                "precision": stages["vectors"].get("precision", "float32")},
     )

@@ -26,6 +26,7 @@ from index_builder.build import (
     _refuse_duplicate_ids,
     _save_state,
     _shard_path,
+    check_settings,
     corpus_fingerprint,
     identity,
 )
@@ -45,6 +46,7 @@ def import_index(cfg: BuildConfig, progress: bool = True) -> Path:
     if cfg.corpus.format not in FORMATS:
         raise BuildError(f"corpus.format {cfg.corpus.format!r} cannot be imported; use one of {', '.join(FORMATS)} "
                          "(a corpus without vectors is built with `index_builder build`)")
+    check_settings(cfg)
     out = IndexFolder(cfg.output).path
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} is a file, not a folder; give the index a folder of its own")

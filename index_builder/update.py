@@ -20,14 +20,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index_builder.build import build_sparse
+from rag import bm25
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.encoders import Encoder
 from rag.errors import RagError
 from rag.files import open_npy, save_npy, write_faiss, writing
 from rag.index import DenseIndex, augment, build_faiss, factory_string
 from rag.index_folder import DELETED_FILE, INDEX_FILE, STORE_FILE, VECTORS_FILE, IndexFolder
+from rag.index_kinds import kind_of
 from rag.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
-from rag.store import StoreWriter
+from rag.store import PassageStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def _read_ids(path: str | None) -> list[str]:
 
 def _drift_warning(index: faiss.Index, cfg: IndexConfig, old_sample: np.ndarray, new: np.ndarray) -> str | None:
     """IVF-PQ: compare how far new vectors lie from their nearest coarse centroid with the indexed data."""
-    if cfg.type != "ivfpq" or not len(new) or not len(old_sample):
+    if not kind_of(cfg).keeps_training or not len(new) or not len(old_sample):
         return None
     ivf = faiss.extract_index_ivf(index)
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, D)
@@ -109,7 +112,8 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         report = UpdateReport(generation=files["generation"] + 1)
         cfg = _build_config(where.path, overrides)
         new_docs, removed_rows = _plan(current, Changes(add, replace, delete, fmt, on_error), report)
-        if not new_docs and not report.deleted_docs:
+        adds_bm25 = cfg.sparse.kind == "bm25" and not manifest.get("sparse")  # `--set sparse.kind=bm25`
+        if not new_docs and not report.deleted_docs and not adds_bm25:
             log.warning("nothing to change in %s; it stays at generation %d", where.path, files["generation"])
             report.generation = files["generation"]  # no generation was written
             return report
@@ -122,7 +126,12 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         if passages:
             segment, index, index_settings = _add_segment(where, current, cfg, passages, index, report, progress)
             segments.append(segment)
-        new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, report, t0)
+        sparse = manifest.get("sparse") or (asdict(cfg.sparse) if adds_bm25 else None)
+        if sparse:  # BM25 in step with the dense part: rebuilt over this generation's rows
+            store = PassageStore([where.file(seg["store"]) for seg in segments])
+            sparse = build_sparse(where, report.generation, store, bm25.config_of(sparse))
+        new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, sparse,
+                                         report, t0)
         if _before_switch is not None:
             _before_switch()  # tests: a crash after writing the new files, before the switch
         where.switch(manifest, new_manifest)
@@ -199,7 +208,7 @@ def _add_segment(where: IndexFolder, current: DenseIndex, cfg: BuildConfig, pass
         log.warning(warning)
         report.warnings.append(warning)
     settings = None
-    if index.ntotal == 0 and current.cfg.type != "ivfpq":  # an emptied index: build it anew over these
+    if index.ntotal == 0 and not current.kind.keeps_training:  # an emptied index: build it anew over these
         index, extra = build_faiss(vecs, current.cfg, progress=False)
         settings = {**manifest["index"], "mips_norm2": extra["mips_norm2"]}
     else:
@@ -208,7 +217,8 @@ def _add_segment(where: IndexFolder, current: DenseIndex, cfg: BuildConfig, pass
 
 
 def _write_generation(where: IndexFolder, current: DenseIndex, segments: list[dict], index: faiss.Index,
-                      removed_rows: np.ndarray, index_settings: dict | None, report: UpdateReport, t0: float) -> dict:
+                      removed_rows: np.ndarray, index_settings: dict | None, sparse: dict | None,
+                      report: UpdateReport, t0: float) -> dict:
     """Write the generation's index and deletion list; returns its manifest (not yet current)."""
     gen = report.generation
     index_name = where.generation_name(INDEX_FILE, gen)
@@ -221,7 +231,7 @@ def _write_generation(where: IndexFolder, current: DenseIndex, segments: list[di
     report.seconds = time.perf_counter() - t0
     return where.next_manifest(
         current.manifest, segments=segments, index_file=index_name, deleted_file=deleted_name,
-        deleted=len(deleted), count=index.ntotal, index=index_settings,
+        deleted=len(deleted), count=index.ntotal, index=index_settings, sparse=sparse,
         history={k: v for k, v in asdict(report).items() if k != "generation"})
 
 
@@ -249,7 +259,7 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
             vectors.flush()
         vectors = np.load(where.file(vec_name), mmap_mode="r")
         cfg = IndexConfig(**{**asdict(current.cfg), **(index or {})})
-        if cfg.type == "ivfpq" and not retrain and not index:
+        if kind_of(cfg).keeps_training and not retrain and not index:
             index = faiss.read_index(str(where.file(where.layout(manifest)["index_file"])))
             index.reset()  # keeps the trained quantiser and codebooks
             for s in range(0, len(keep), 20_000):
@@ -260,10 +270,14 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
             norm2 = extra["mips_norm2"]
         write_faiss(index, where.file(index_name))
         del vectors
+        sparse = manifest.get("sparse")
+        if sparse:
+            sparse = build_sparse(where, gen, PassageStore(where.file(store_name)), bm25.config_of(sparse))
         new = where.next_manifest(
             manifest, segments=[{"store": store_name, "vectors": vec_name, "rows": int(len(keep))}],
             index_file=index_name, deleted_file=None, deleted=0, count=len(keep),
             index={**manifest["index"], **asdict(cfg), "factory": factory_string(cfg), "mips_norm2": norm2},
+            sparse=sparse,
             history={"compacted": int(len(current.deleted)), "retrained": bool(retrain)})
         where.switch(manifest, new)
         return int(len(current.deleted))

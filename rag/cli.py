@@ -45,8 +45,12 @@ def _show(ans) -> str:
     for i, p in enumerate(ans.passages, 1):
         text = p.text if len(p.text) < 160 else p.text[:157] + "..."
         mark = "*" if i - 1 in ans.supporting else " "
+        found = ""
+        if any(q.bm25_rank for q in ans.passages):  # BM25 or hybrid retrieval: which side found the passage
+            found = " (" + ", ".join(f"{side} #{r}" for side, r in (("dense", p.dense_rank), ("BM25", p.bm25_rank))
+                                     if r) + ")"
         lines.append(f" {mark}{i}. score {p.score:6.3f}  p(z|x) {p.prior:.3f}  p(z|x,y) {p.posterior:.3f}  "
-                     f"[{p.title}] {text}")
+                     f"[{p.title}]{found} {text}")
     return "\n".join(lines)
 
 

@@ -16,13 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
-from rag.errors import RagError
+from rag.errors import ConfigError, RagError  # noqa: F401 - ConfigError importable from here
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(RagError, ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 def configs_dir() -> Path:
@@ -93,7 +89,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    type: str = "flat"  # an index kind registered in rag/index_kinds.py: flat, hnsw, ivfpq
     vector_dtype: Literal["float16", "float32"] = "float32"
     hnsw_m: int = 32
     ef_construction: int = 80
@@ -109,6 +105,12 @@ class IndexConfig:
     # Passages per encoding shard: the unit of resume after a killed build.
     shard_size: int = 50_000
     seed: int = 0
+
+    def __post_init__(self):
+        from rag.index_kinds import KINDS  # the registry of kinds (no faiss import)
+
+        if self.type not in KINDS:
+            raise ConfigError(f"index.type: {self.type!r} is not an index kind; known: {', '.join(sorted(KINDS))}")
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,34 @@ class DecodingConfig:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """BM25 beside the dense index (rag/bm25.py), with its tokenisation: recorded in the manifest, used for queries."""
+
+    kind: Literal["none", "bm25"] = "none"
+    k1: float = 1.5
+    b: float = 0.75
+    language: str = "english"  # PyStemmer's Snowball stemmer (english, russian, polish, portuguese, ...) or none
+    stopwords: str = "en"  # bm25s' stopword list (en, de, fr, es, pt, it, ru, ...) or none
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     output: str = "indexes/default"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     passages: PassageConfig = field(default_factory=PassageConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How hybrid retrieval merges the dense and the BM25 candidates (rag/fusion.py)."""
+
+    method: Literal["rrf", "sum"] = "sum"  # reciprocal-rank fusion, or a weighted sum of min-max-normalised scores
+    bm25_weight: float = 0.3  # sum: the BM25 side's weight (the dense side has 1 - this)
+    depth: int = 100  # candidates taken from each side before fusing
+    rrf_k: int = 60  # rrf: score = Σ rrf_k / (rrf_k + rank) over the sides that found the passage
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -218,7 +242,9 @@ RANGES = {
                         "max_question_length": (1, None)},
     "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
                        "length_penalty": (-100, 100), "num_return_sequences": (1, None)},
-    "RagConfig": {"n_docs": (1, None), "prior_scale": (1e-6, 1e6)},
+    "RagConfig": {"n_docs": (1, None), "prior_scale": (1e-6, 1e6), "bm25_scale": (1e-6, 1e6)},
+    "SparseConfig": {"k1": (0, None), "b": (0, 1)},
+    "FusionConfig": {"bm25_weight": (0, 1), "depth": (1, None), "rrf_k": (0, None)},
     "LoraSettings": {"rank": (0, None), "alpha": (1e-6, None), "dropout": (0, 0.999)},
     "DataConfig": {"dev_limit": (0, None)},
     "TrainConfig": {"lr_query_encoder": (0, 1), "lr_generator": (0, 1), "weight_decay": (0, None),
@@ -352,6 +378,12 @@ class RagConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     mode: Literal["sequence", "token"] = "token"
     n_docs: int = 5
+    # Which passages: dense (BERT_q and FAISS), bm25 (the index folder's BM25 part: the paper's RAG-BM25), or
+    # hybrid (both, fused as `fusion` says).
+    retrieval: Literal["dense", "bm25", "hybrid"] = "dense"
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    # bm25: doc scores are BM25 scores times this before the prior's prior_scale (BM25 scores run to ~30).
+    bm25_scale: float = 0.05
     # p(z|x) = softmax(prior_scale · d(z)ᵀq(x)): cosine scores lie in [-1, 1], so a scale of 1 makes the prior
     # nearly flat over the k passages; a larger one lets retrieval confidence weigh in the marginal.
     prior_scale: float = 1.0

@@ -14,6 +14,10 @@ class RagError(Exception):
     The message says what was wrong, where (file, line or key) and what to do."""
 
 
+class ConfigError(RagError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
 class BadInput(RagError, ValueError):
     """An argument of a public call that is out of range."""
 

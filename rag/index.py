@@ -11,10 +11,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
-from rag.config import ConfigError, IndexConfig
+from rag.config import IndexConfig
 from rag.index_folder import IndexFolder, IndexFolderError
+from rag.index_kinds import augment, kind_of, max_norm2  # noqa: F401 - importable from here (build, update)
 from rag.passages import Passage
 from rag.store import PassageStore, SegmentedVectors
 
@@ -31,70 +31,16 @@ class SearchResult:
 
 
 def factory_string(cfg: IndexConfig) -> str:
-    if cfg.type == "flat":
-        return "Flat"
-    if cfg.type == "hnsw":
-        return f"HNSW{cfg.hnsw_m}"
-    return f"IVF{cfg.nlist},PQ{cfg.pq_m}x{cfg.nbits}np"  # np: no polysemous training, unused by search
+    return kind_of(cfg).factory(cfg)
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
-
-
-def max_norm2(vectors: np.ndarray, chunk: int = 100_000) -> float:
-    return max((float(np.einsum("nd,nd->n", c, c).max()) for c in (
-        np.asarray(vectors[s:e], dtype=np.float32) for s, e in _chunks(len(vectors), chunk))), default=0.0)
-
-
-def augment(x: np.ndarray, norm2: float | None) -> np.ndarray:
-    """MIPS as nearest-neighbour search (Bachrach et al. 2014, as in DPR's HNSW indexer): a passage gets an extra
-    coordinate sqrt(M² - |d|²) and a query a 0, so that |q - d|² = |q|² + M² - 2 dᵀq ranks like -dᵀq.
-    HNSW's graph is built for a metric; searched by raw inner product it loses much recall on unnormalised vectors."""
-    x = np.ascontiguousarray(x, dtype=np.float32)  # (N, D)
-    if norm2 is None:
-        return x
-    extra = np.sqrt(np.maximum(norm2 - np.einsum("nd,nd->n", x, x), 0.0))  # (N,)
-    return np.hstack([x, extra[:, None]])  # (N, D+1)
-
-
-def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True,
-                chunk: int = 20_000) -> tuple[faiss.Index, dict]:
-    """A FAISS index for maximum inner product over (N, D) vectors read in chunks (the array may be a memory map).
-
-    Returns the index and what search needs to know about it (`mips_norm2` for HNSW, see `augment`).
-    """
-    n, dim = vectors.shape
-    if cfg.type == "ivfpq":
-        if dim % cfg.pq_m:
-            raise ConfigError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
-        if n < cfg.nlist:
-            raise ConfigError(f"index.nlist={cfg.nlist} needs at least that many passages (have {n}); lower it")
-    norm2 = max_norm2(vectors) if cfg.type == "hnsw" else None
-    if norm2 is not None:
-        index = faiss.index_factory(dim + 1, factory_string(cfg), faiss.METRIC_L2)
-        index.hnsw.efConstruction = cfg.ef_construction
-    else:
-        index = faiss.index_factory(dim, factory_string(cfg), faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        rng = np.random.default_rng(cfg.seed)
-        sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
-        log.info("training %s on %d vectors", factory_string(cfg), len(sample))
-        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-    bar = tqdm(total=n, unit="vec", desc=f"index {cfg.type}", disable=not progress)
-    for start, stop in _chunks(n, chunk):
-        index.add(augment(vectors[start:stop], norm2))
-        bar.update(stop - start)
-    bar.close()
-    return index, {"mips_norm2": norm2}
+def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True) -> tuple[faiss.Index, dict]:
+    """The FAISS index of `cfg`'s kind over (N, D) vectors, and what search needs (`mips_norm2`, see `augment`)."""
+    return kind_of(cfg).build(vectors, cfg, progress)
 
 
 def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
-    if cfg.type == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = cfg.ef_search
-    elif cfg.type == "ivfpq":
-        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+    kind_of(cfg).set_search(index, cfg)
 
 
 class EmptyIndex(IndexFolderError):
@@ -109,7 +55,8 @@ class DenseIndex:
     """
 
     def __init__(self, folder: str | Path, manifest: dict, index: faiss.Index, vectors, store: PassageStore | None,
-                 cfg: IndexConfig, mips_norm2: float | None = None, deleted: np.ndarray | None = None):
+                 cfg: IndexConfig, mips_norm2: float | None = None, deleted: np.ndarray | None = None,
+                 bm25=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.index = index
@@ -119,6 +66,8 @@ class DenseIndex:
         self.mips_norm2 = mips_norm2
         self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
         self.generation = manifest.get("generation", 0)
+        self.kind = kind_of(cfg)
+        self.bm25 = bm25  # the folder's BM25 part (rag/bm25.py), None when it has none
         self._params = self._search_params()
 
     @classmethod
@@ -170,7 +119,12 @@ class DenseIndex:
         set_search_params(index, cfg)
         if cfg.use_gpu:
             index = _to_gpu(index, cfg)
-        loaded = cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted)
+        bm25 = None
+        if manifest.get("sparse"):
+            from rag.bm25 import Bm25Part
+
+            bm25 = Bm25Part.load(where, manifest["sparse"], np.zeros(0, np.int64) if deleted is None else deleted)
+        loaded = cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted, bm25)
         loaded.probe(path)
         return loaded
 
@@ -185,7 +139,7 @@ class DenseIndex:
         if not len(rows):
             return
         stored = np.asarray(self.vectors[rows], np.float32)
-        if self.cfg.type == "ivfpq":
+        if self.kind.lossy:
             got = self.search(stored, 1, check=False).scores
             ok = np.isfinite(got).all()
         else:
@@ -200,17 +154,19 @@ class DenseIndex:
         if not len(self.deleted):
             return None
         self._deleted_set = faiss.IDSelectorBatch(self.deleted)  # kept alive with the index
-        sel = faiss.IDSelectorNot(self._deleted_set)
-        self._selector = sel
-        if self.cfg.type == "hnsw":
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=self.cfg.ef_search)
-        if self.cfg.type == "ivfpq":
-            return faiss.SearchParametersIVF(sel=sel, nprobe=self.cfg.nprobe)
-        return faiss.SearchParameters(sel=sel)
+        self._selector = faiss.IDSelectorNot(self._deleted_set)
+        return self.kind.search_params(self.cfg, self._selector)
 
     def __len__(self) -> int:
         """Searchable (live) passages."""
         return self.index.ntotal - len(self.deleted)
+
+    def require_bm25(self, retrieval: str) -> None:
+        """A BM25 setting over a folder without a BM25 part is an error that names the command adding it."""
+        if self.bm25 is None:
+            raise IndexFolderError(f"retrieval={retrieval} needs a BM25 part, and {self.folder} has none; add it with "
+                                   f"`python -m index_builder update --index {self.folder} --set sparse.kind=bm25` "
+                                   "(or build with --set sparse.kind=bm25)")
 
     def require_passages(self) -> None:
         """Retrieval over an emptied index is an error that says how to fill it (docs/failure-behaviour.md)."""
@@ -233,7 +189,7 @@ class DenseIndex:
             empty = np.zeros((len(queries), 0))
             return SearchResult(ids=empty.astype(np.int64), scores=empty.astype(np.float32),
                                 vectors=np.zeros((len(queries), 0, self.dim), np.float32) if return_vectors else None)
-        fetch = max(k, self.cfg.rerank) if self.cfg.type != "flat" else k
+        fetch = self.kind.candidates(k, self.cfg)
         extra = {"params": self._params} if self._params is not None else {}
         if self.mips_norm2 is None:
             scores, ids = self.index.search(queries, fetch, **extra)  # (Q, fetch)
@@ -300,8 +256,8 @@ def _to_gpu(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         log.warning("index.use_gpu is set but this faiss build has no GPU (install the 'gpu' extra); searching on CPU")
         return index
-    if cfg.type == "hnsw":
-        log.warning("faiss has no GPU HNSW; searching on CPU")
+    if not kind_of(cfg).on_gpu:
+        log.warning("faiss has no GPU %s; searching on CPU", cfg.type)
         return index
     res = faiss.StandardGpuResources()
     co = faiss.GpuClonerOptions()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import time
 from contextlib import contextmanager
@@ -190,6 +191,7 @@ class IndexFolder:
     def _layout_names(self, manifest: dict) -> list[str]:
         files = self.layout(manifest)
         names = [files["index_file"]] + [seg[k] for seg in files["segments"] for k in ("store", "vectors")]
+        names += list((manifest.get("sparse") or {}).get("files", {}).values())
         return names + ([files["deleted_file"]] if files["deleted_file"] else [])
 
     def check_files(self, manifest: dict, verify: bool = False) -> None:
@@ -213,7 +215,7 @@ class IndexFolder:
 
     # writing
     def first_manifest(self, *, count: int, dim: int, encoder: dict, index: dict, passages: dict, corpus: dict,
-                       identity: dict, build: dict) -> dict:
+                       identity: dict, build: dict, sparse: dict | None = None) -> dict:
         """The manifest of a fresh build (generation 0), over the files the build wrote under their first names."""
         return {
             "format_version": FORMAT_VERSION,
@@ -232,20 +234,25 @@ class IndexFolder:
             "deleted_file": None,
             "deleted": 0,
             "history": [],
-            "files": {name: file_entry(self.file(name)) for name in (STORE_FILE, VECTORS_FILE, INDEX_FILE)},
+            "sparse": sparse,
+            "files": {name: file_entry(self.file(name)) for name in
+                      (STORE_FILE, VECTORS_FILE, INDEX_FILE, *((sparse or {}).get("files", {}).values()))},
             "build": build,
         }
 
     def next_manifest(self, old: dict, *, segments: list[dict], index_file: str, deleted_file: str | None,
-                      deleted: int, count: int, history: dict, index: dict | None = None) -> dict:
-        """The manifest of the next generation: its files are the segments, index and deletion list named here."""
+                      deleted: int, count: int, history: dict, index: dict | None = None,
+                      sparse: dict | None = None) -> dict:
+        """The manifest of the next generation: its files are the segments, index, deletion list and BM25 part
+        named here."""
         generation = self.layout(old)["generation"] + 1
         names = [index_file] + [seg[k] for seg in segments for k in ("store", "vectors")]
         names += [deleted_file] if deleted_file else []
+        names += list((sparse or {}).get("files", {}).values())
         files = {n: old["files"][n] if n in old["files"] else file_entry(self.file(n)) for n in names}
         return {**old, "generation": generation, "segments": segments, "index_file": index_file,
                 "deleted_file": deleted_file, "deleted": int(deleted), "count": int(count), "files": files,
-                "index": index if index is not None else old["index"],
+                "index": index if index is not None else old["index"], "sparse": sparse,
                 "history": [*old.get("history", []), {"generation": generation, "time": now(), **history}]}
 
     def write_first(self, manifest: dict) -> None:
@@ -267,13 +274,17 @@ class IndexFolder:
         every symbolic link (nothing in an index folder is one; removing a link never touches what it points to).
         Called by writers under the lock; returns the names removed."""
         keep = set(manifest["files"])
-        pattern = re.compile(r"^(passages|vectors|index|deleted)(\.g\d{4})?\.(arrow|npy|faiss)(\.tmp)?$")
+        pattern = re.compile(r"^(passages|vectors|index|deleted|bm25)(\.g\d{4})?\.([a-z]+\.)?(arrow|npy|faiss|json)"
+                             r"(\.tmp)?$")
         gone = []
         for path in self.path.iterdir():
             mode = path.lstat().st_mode
             stale = pattern.match(path.name) and path.name not in keep and stat.S_ISREG(mode)
             if stale or stat.S_ISLNK(mode) or (TEMP_NAME.match(path.name) and stat.S_ISREG(mode)):
                 path.unlink(missing_ok=True)
+                gone.append(path.name)
+            elif stat.S_ISDIR(mode) and path.name.startswith(".bm25-") and path.name.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True)  # a BM25 build's staging folder (rag/bm25.py)
                 gone.append(path.name)
         if gone:
             log.info("%s: removed %s, left by an earlier writer that was stopped", self.path, ", ".join(sorted(gone)))

@@ -50,7 +50,9 @@ class Hit:
     doc_id: str
     title: str
     text: str
-    score: float  # d(z)ᵀq(x)
+    score: float  # d(z)ᵀq(x); with retrieval bm25 or hybrid, the scaled BM25 or the fused score
+    dense_rank: int | None = None  # 1-based rank on the dense side, None if it did not find the passage
+    bm25_rank: int | None = None  # the same on the BM25 side
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,11 @@ class Passage:
     id: str
     title: str
     text: str
-    score: float  # d(z)ᵀq(x)
+    score: float  # d(z)ᵀq(x); with retrieval bm25 or hybrid, the scaled BM25 or the fused score
     prior: float  # p(z|x)
     posterior: float  # p(z|x,y): how much this passage supports the answer
+    dense_rank: int | None = None  # which side found it, at which rank (1-based; None: not that side)
+    bm25_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ class RagPipeline:
         encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device), precision=weights))
         folder.check_encoder(index.manifest, encoder.identity())
         generator = load_generator(cfg.generator).place(device, weights)
-        return cls(RagModel(Retriever(encoder, index), generator, cfg.prior_scale),
+        retriever = Retriever(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale)
+        return cls(RagModel(retriever, generator, cfg.prior_scale),
                    dataclasses.replace(cfg, query_encoder=qcfg))
 
     @classmethod
@@ -228,6 +233,8 @@ class RagPipeline:
         old = self.model.retriever.index
         index = DenseIndex.load(where, **({"use_gpu": True} if self.cfg.faiss_gpu else {}))
         where.check_encoder(index.manifest, self.model.retriever.encoder.identity())
+        if self.cfg.retrieval != "dense":
+            index.require_bm25(self.cfg.retrieval)
         if index.manifest["encoder"].get("fingerprint") != old.manifest["encoder"].get("fingerprint"):
             log.warning("%s was built with another document encoder (%s) than the current index (%s)", where.path,
                         index.manifest["encoder"]["name"], old.manifest["encoder"]["name"])
@@ -241,8 +248,9 @@ class RagPipeline:
         k = _positive("k", k, self.cfg.n_docs)
         with torch.inference_mode():
             got = self.model.retriever(questions, k)
-        return [[Hit(p.id, p.doc_id, p.title, p.text, float(s)) for p, s in zip(ps, scores.tolist(), strict=True)
-                 if p is not None] for ps, scores in zip(got.passages, got.doc_scores, strict=True)]
+        return [[Hit(p.id, p.doc_id, p.title, p.text, float(s), *_found_by(got, b, k))
+                 for k, (p, s) in enumerate(zip(ps, scores.tolist(), strict=True)) if p is not None]
+                for b, (ps, scores) in enumerate(zip(got.passages, got.doc_scores, strict=True))]
 
     def passage_texts(self, chunk: int = 50_000) -> Iterator[list[str]]:
         """The texts of every live passage of the index, `chunk` at a time (a stream: the corpus is never joined)."""
@@ -291,7 +299,7 @@ class RagPipeline:
 
     def _answer(self, question, mode, retrieved, b, g) -> Answer:
         passages = tuple(
-            Passage(p.id, p.title, p.text, g.doc_scores[k], g.prior[k], g.posterior[k])
+            Passage(p.id, p.title, p.text, g.doc_scores[k], g.prior[k], g.posterior[k], *_found_by(retrieved, b, k))
             for k, p in enumerate(retrieved.passages[b]) if p is not None
         )
         tok = self.model.generator.tokenizer
@@ -303,6 +311,13 @@ class RagPipeline:
         return Answer(question=question, text=g.text, score=g.score, mode=mode, passages=passages,
                       tokens=tuple(tok.convert_ids_to_tokens(list(g.tokens))), token_posteriors=token_posteriors,
                       supporting=supporting, support=sum(passages[k].posterior for k in supporting))
+
+
+def _found_by(retrieved: Retrieved, b: int, k: int) -> tuple[int | None, int | None]:
+    """(dense rank, BM25 rank) of passage k of question b, 1-based; None where that side did not find it."""
+    if retrieved.ranks is None:
+        return None, None
+    return tuple(int(r) or None for r in retrieved.ranks[b, k])
 
 
 def encoder_record_of(manifest: dict) -> dict:

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from rag.config import FusionConfig
 from rag.encoders import Encoder
 from rag.errors import BadInput, BadType, RagError
+from rag.fusion import fuse
 from rag.index import DenseIndex
 from rag.passages import Passage
 
@@ -21,8 +23,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Retrieved:
     ids: np.ndarray  # (B, K) row positions in the index
-    doc_scores: torch.Tensor  # (B, K) d(z)ᵀq(x), differentiable in BERT_q when gradients are on
+    doc_scores: torch.Tensor  # (B, K) d(z)ᵀq(x) (or the BM25 / fused score), differentiable in BERT_q if dense
     passages: list[list[Passage]]  # (B, K)
+    ranks: np.ndarray | None = None  # (B, K, 2) 1-based rank on the dense and the BM25 side; 0: not found there
 
 
 class NonFinite(RagError):
@@ -50,11 +53,17 @@ def check_questions(questions) -> list[str]:
 
 
 class Retriever(nn.Module):
-    def __init__(self, encoder: Encoder, index: DenseIndex):
+    """BERT_q and the index: dense retrieval, BM25 alone (the paper's RAG-BM25) or both fused (hybrid)."""
+
+    def __init__(self, encoder: Encoder, index: DenseIndex, retrieval: str = "dense",
+                 fusion: FusionConfig | None = None, bm25_scale: float = 0.05):
         super().__init__()
         self.encoder = encoder
         self.index = index
+        self.retrieval, self.fusion, self.bm25_scale = retrieval, fusion or FusionConfig(), bm25_scale
         self._warned_long = False
+        if retrieval != "dense":
+            index.require_bm25(retrieval)
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
@@ -69,23 +78,54 @@ class Retriever(nn.Module):
                 self._warned_long = True
         enc = self.encoder.tokenize(questions)
         enc = {k: v.to(self.encoder.device) for k, v in enc.items()}
-        return self.encoder(**enc)
+        q = self.encoder(**enc)
+        if not torch.isfinite(q).all():
+            raise NonFinite("the query encoder gave NaN or infinite vectors; its weights are damaged (a diverged "
+                            "training run?): load another checkpoint or retrain")
+        return q
 
     def forward(self, questions: list[str], k: int) -> Retrieved:
         index = self.index  # one generation for the whole call, even if reload_index swaps it meanwhile
         index.require_passages()
-        q = self.encode(questions)  # (B, D)
-        if not torch.isfinite(q).all():
-            raise NonFinite("the query encoder gave NaN or infinite vectors; its weights are damaged (a diverged "
-                            "training run?): load another checkpoint or retrain")
         if k > len(index):
             log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
             k = len(index)
+        if self.retrieval == "bm25":
+            return self._bm25(index, questions, k)
+        q = self.encode(questions)  # (B, D)
+        if self.retrieval == "hybrid":
+            return self._hybrid(index, questions, q, k)
         hits = index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
-        d = torch.from_numpy(hits.vectors).to(q.device, q.dtype)  # (B, K, D)
-        doc_scores = torch.einsum("bkd,bd->bk", d, q)  # (B, K)
-        missing = torch.from_numpy(hits.ids < 0).to(q.device)  # (B, K) no hit: masked out of every softmax
+        ranks = np.stack([np.where(hits.ids >= 0, np.arange(1, hits.ids.shape[1] + 1), 0),
+                          np.zeros_like(hits.ids)], -1)  # (B, K, 2)
+        return self._retrieved(index, hits.ids, self._dense_scores(hits.vectors, q), ranks)
+
+    def _bm25(self, index: DenseIndex, questions: list[str], k: int) -> Retrieved:
+        """RAG-BM25: the prior from the scaled BM25 scores; BERT_q takes no part."""
+        ids, scores = index.bm25.search(questions, k)  # (B, K)
+        ranks = np.stack([np.zeros_like(ids), np.where(ids >= 0, np.arange(1, ids.shape[1] + 1), 0)], -1)
+        doc_scores = torch.from_numpy(scores * self.bm25_scale).to(self.encoder.device)  # -inf where no hit
+        return self._retrieved(index, ids, doc_scores, ranks)
+
+    def _hybrid(self, index: DenseIndex, questions: list[str], q: torch.Tensor, k: int) -> Retrieved:
+        """Both sides' top `fusion.depth` candidates fused; the prior is over the fused scores, and the gradient
+        reaches BERT_q through d(z)ᵀq(x) of the fused passages (a straight-through term of value 0)."""
+        f = self.fusion
+        dense = index.search(q.detach().float().cpu().numpy(), f.depth)
+        sparse_ids, sparse_scores = index.bm25.search(questions, f.depth)
+        fused = fuse(dense.ids, dense.scores, sparse_ids, sparse_scores, k, f.method, f.bm25_weight, f.rrf_k)
+        dq = self._dense_scores(index.gather(fused.ids), q)  # (B, K)
+        doc_scores = torch.from_numpy(fused.scores).to(dq.device, dq.dtype) + (dq - dq.detach())
+        return self._retrieved(index, fused.ids, doc_scores, fused.ranks)
+
+    @staticmethod
+    def _dense_scores(vectors: np.ndarray, q: torch.Tensor) -> torch.Tensor:
+        d = torch.from_numpy(vectors).to(q.device, q.dtype)  # (B, K, D) stored d(z)
+        return torch.einsum("bkd,bd->bk", d, q)  # (B, K)
+
+    @staticmethod
+    def _retrieved(index: DenseIndex, ids: np.ndarray, doc_scores: torch.Tensor, ranks: np.ndarray) -> Retrieved:
+        missing = torch.from_numpy(ids < 0).to(doc_scores.device)  # (B, K) no hit: masked out of every softmax
         if missing.any():
             doc_scores = doc_scores.masked_fill(missing, float("-inf"))
-        passages = [index.passages(row) for row in hits.ids]
-        return Retrieved(hits.ids, doc_scores, passages)
+        return Retrieved(ids, doc_scores, [index.passages(row) for row in ids], ranks)

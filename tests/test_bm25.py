@@ -1,0 +1,152 @@
+"""BM25 beside the dense index, hybrid fusion, and index kinds as classes."""
+
+import numpy as np
+import pytest
+
+from index_builder.build import build
+from index_builder.update import compact, update
+from rag.config import BuildConfig, ConfigError, IndexConfig, load_config
+from rag.fusion import fuse
+from rag.index import DenseIndex
+from rag.index_folder import IndexFolderError
+from tests.conftest import DOCS, rag_config, write_jsonl
+
+pytest.importorskip("bm25s")
+
+
+def build_cfg(tmp_path, tiny_bert, *extra):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    return load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
+                                           f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8",
+                                           *extra])
+
+
+@pytest.fixture
+def built(tmp_path, tiny_bert):
+    return build(build_cfg(tmp_path, tiny_bert, "sparse.kind=bm25"), progress=False)
+
+
+def ids_of(index, rows):
+    return [[p.id if p else None for p in index.passages(r)] for r in rows]
+
+
+def test_bm25_scores_equal_bm25s_own(built):
+    import bm25s
+    import Stemmer
+
+    index = DenseIndex.load(built, verify=True)
+    titles, texts = index.store.column("title"), index.store.column("text")
+    stem = Stemmer.Stemmer("english")
+    own = bm25s.BM25(k1=1.5, b=0.75)
+    own.index(bm25s.tokenize([f"{t}. {x}" for t, x in zip(titles, texts, strict=True)], stopwords="en",
+                             stemmer=stem, show_progress=False), show_progress=False)
+    questions = ["capital of france", "mozart vienna composer", "the moon rocket apollo"]
+    want_ids, want = own.retrieve(bm25s.tokenize(questions, stopwords="en", stemmer=stem, return_ids=False,
+                                                 show_progress=False), k=3, show_progress=False)
+    got_ids, got = index.bm25.search(questions, 3)
+    hit = want > 0  # a passage sharing no term with the question scores 0 in bm25s: no hit here
+    assert np.allclose(got[hit], want[hit], rtol=1e-5) and (got_ids[hit] == want_ids[hit]).all()
+    assert (got_ids[~hit] == -1).all() and np.isneginf(got[~hit]).all()
+
+
+def test_fusion_equals_a_brute_force_fusion():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, depth, k = 30, 8, 5
+        dense_ids = np.stack([rng.choice(n, depth, replace=False) for _ in range(3)])
+        sparse_ids = np.stack([rng.choice(n, depth, replace=False) for _ in range(3)])
+        sparse_ids[0, 6:] = -1  # fewer BM25 hits
+        dense_scores = -np.sort(-rng.normal(size=(3, depth)), 1).astype(np.float32)
+        sparse_scores = np.where(sparse_ids >= 0, -np.sort(-rng.uniform(1, 9, (3, depth)), 1), -np.inf)
+        for method in ("rrf", "sum"):
+            got = fuse(dense_ids, dense_scores, sparse_ids, sparse_scores, k, method, 0.3, 60)
+            for q in range(3):
+                score = {}
+                for ids, sc, w in ((dense_ids[q], dense_scores[q], 0.7), (sparse_ids[q], sparse_scores[q], 0.3)):
+                    valid = [(i, s) for i, s in zip(ids, sc, strict=True) if i >= 0]
+                    lo, hi = min(s for _, s in valid), max(s for _, s in valid)
+                    for rank, (i, s) in enumerate(valid, 1):
+                        part = 60 / (60 + rank) if method == "rrf" else w * ((s - lo) / (hi - lo))
+                        score[int(i)] = score.get(int(i), 0.0) + part
+                best = sorted(score.items(), key=lambda x: -x[1])[:k]
+                assert np.allclose(got.scores[q], [s for _, s in best], atol=1e-6)
+                assert set(got.ids[q]) == {i for i, _ in best} or len({s for _, s in best}) < k
+
+
+def test_update_and_compact_keep_bm25_in_step(built, tmp_path):
+    """An added passage is found by BM25 at once, a deleted one never; every generation's manifest lists its BM25
+    files with their sha256."""
+    add = write_jsonl(tmp_path / "add.jsonl", [{"id": "rome", "title": "Rome", "text": "Rome lies on the Tiber."}])
+    (tmp_path / "del.txt").write_text("paris\n")
+    update(built, add=str(add), delete=str(tmp_path / "del.txt"), progress=False)
+    for step in ("update", "compact"):
+        index = DenseIndex.load(built, verify=True)
+        ids, _ = index.bm25.search(["tiber rome", "paris france capital"], 5)
+        found = ids_of(index, ids)
+        assert found[0][0] == "rome#0", step
+        assert not any(i and i.startswith("paris#") for row in found for i in row), step
+        assert all(name in index.manifest["files"] for name in index.manifest["sparse"]["files"].values())
+        compact(built, progress=False)
+
+
+def test_an_update_adds_the_bm25_part_and_a_missing_part_is_one_error(tmp_path, tiny_bert, tiny_lms):
+    from rag.pipeline import RagPipeline
+
+    out = build(build_cfg(tmp_path, tiny_bert), progress=False)
+    with pytest.raises(IndexFolderError, match=r"needs a BM25 part.*--set sparse.kind=bm25"):
+        RagPipeline.load(rag_config(out, tiny_bert, tiny_lms["llama"], retrieval="bm25"))
+    update(out, overrides=("sparse.kind=bm25",), progress=False)
+    pipe = RagPipeline.load(rag_config(out, tiny_bert, tiny_lms["llama"], retrieval="bm25"))
+    assert pipe.retrieve("capital of france", 2)[0][0].title == "Paris"
+
+
+def test_an_unknown_stemmer_language_lists_the_known(tmp_path, tiny_bert):
+    with pytest.raises(ConfigError, match="sparse.language: 'klingon' has no stemmer; known: arabic.*polish.*russian"):
+        build(build_cfg(tmp_path, tiny_bert, "sparse.kind=bm25", "sparse.language=klingon"), progress=False)
+
+
+@pytest.mark.parametrize("retrieval", ["bm25", "hybrid"])
+def test_retrieval_modes_answer_and_say_which_side_found_each_passage(built, tiny_bert, tiny_lms, retrieval):
+    from rag.pipeline import RagPipeline
+
+    pipe = RagPipeline.load(rag_config(built, tiny_bert, tiny_lms["llama"], retrieval=retrieval))
+    hits = pipe.retrieve("capital of france paris", 3)[0]
+    assert hits[0].title == "Paris" and hits[0].bm25_rank == 1
+    if retrieval == "bm25":
+        assert all(h.dense_rank is None for h in hits)
+    else:
+        assert all(h.dense_rank or h.bm25_rank for h in hits)
+    ans = pipe.answer("capital of france paris")
+    assert ans.passages and ans.passages[0].bm25_rank == 1 and "bm25_rank" in ans.to_json()["passages"][0]
+    if retrieval == "hybrid":  # the gradient still reaches BERT_q through the dense part
+
+        loss = pipe.module.loss(["capital of france"], ["paris"], n_docs=3).sum()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.parts()["query_encoder"].parameters())
+
+
+def test_a_new_index_kind_is_one_class_and_one_registry_line(tmp_path, tiny_bert, monkeypatch):
+    """The extension claim: a kind registered here (scalar-quantised codes, faiss "SQ8") builds, loads, updates
+    and searches with no other change."""
+    from rag import index_kinds
+
+    class ScalarQuantised(index_kinds.IndexKind):
+        name = "sq8"
+        approximate = True
+        lossy = True
+
+        def factory(self, cfg: IndexConfig) -> str:
+            return "SQ8"
+
+    monkeypatch.setitem(index_kinds.KINDS, "sq8", ScalarQuantised())
+    out = build(build_cfg(tmp_path, tiny_bert, "index.type=sq8", "index.rerank=20"), progress=False)
+    add = write_jsonl(tmp_path / "add.jsonl", [{"id": "rome", "title": "Rome", "text": "Rome lies on the Tiber."}])
+    update(out, add=str(add), progress=False)
+    index = DenseIndex.load(out, verify=True)
+    assert index.manifest["index"]["factory"] == "SQ8"
+    q = np.asarray(index.vectors[:3], np.float32)
+    exact = np.argsort(-np.asarray(index.vectors[:], np.float32) @ q.T, axis=0)[0]
+    assert (index.search(q, 1).ids[:, 0] == exact).all()
+    with pytest.raises(ConfigError, match="index.type: 'nope' is not an index kind; known: flat, hnsw, ivfpq, sq8"):
+        build(load_config(BuildConfig, None, [f"output={tmp_path / 'other'}", f"corpus.path={tmp_path / 'corpus.jsonl'}",
+                                              f"encoder.name={tiny_bert}", "index.type=nope"]), progress=False)
