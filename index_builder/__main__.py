@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="a malformed record: stop naming file:line (raise) or skip and count it")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the folder's build config (encoder settings must match the index)")
+                   help="override the folder's build config (encoder settings must match the index); "
+                        "sparse.kind=bm25 adds a BM25 part, with or without other changes")
     u.add_argument("--quiet", action="store_true")
     c = sub.add_parser("compact", help="rewrite a folder without its deleted passages (a new generation)")
     c.add_argument("folder")
@@ -116,7 +117,7 @@ def _run(args) -> int:
         print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}); "
               f"build report: {json.dumps(m['build'])}")
     elif args.command == "import":
-        from index_builder.imports import import_index
+        from index_builder.importer import import_index
 
         cfg = load_config(BuildConfig, resolve_config_path(args.config) if args.config else None, args.set)
         out = import_index(cfg, progress=not args.quiet)
@@ -124,8 +125,10 @@ def _run(args) -> int:
         print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}; vectors "
               f"imported, encoder {m['encoder']['name']})")
     elif args.command == "update":
-        if not (args.add or args.replace or args.delete):
-            print("error: give at least one of --add, --replace, --delete", file=sys.stderr)
+        adds_part = any(s.replace(" ", "") == "sparse.kind=bm25" for s in args.set)
+        if not (args.add or args.replace or args.delete or adds_part):
+            print("error: give at least one of --add, --replace, --delete (or --set sparse.kind=bm25 to add a BM25 "
+                  "part)", file=sys.stderr)
             return 2
         r = update(args.index, args.add, args.replace, args.delete, args.format, args.on_error,
                    tuple(args.set), progress=not args.quiet)

@@ -93,7 +93,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_folder(out: Path, cfg: BuildConfig, how: str = "rerun with --overwrite") -> dict | None:
+def check_folder(out: Path, cfg: BuildConfig, how: str = "rerun with --overwrite") -> dict | None:
     """Decide what to do with an existing output folder; return the saved build state when resuming. `how` says
     how to start afresh."""
     if not out.exists() or not any(out.iterdir()):
@@ -156,7 +156,7 @@ def _check_same_corpus(out: Path, cfg: BuildConfig, state: dict, how: str) -> No
     state["corpus"] = now
 
 
-def _save_state(out: Path, state: dict) -> None:
+def save_state(out: Path, state: dict) -> None:
     write_json_atomic(out / STATE_FILE, state)
 
 
@@ -169,13 +169,13 @@ def _write_passages(out: Path, cfg: BuildConfig, progress: bool) -> dict:
             for p in iter_passages(cfg.corpus, cfg.passages, report):
                 writer.add([p])
                 bar.update(1)
-        _refuse_duplicate_ids(tmp, cfg)
+        refuse_duplicate_ids(tmp, cfg)
     if report.passages_written == 0:
         raise BuildError(f"the corpus gave no passages ({asdict(report)}); check corpus.path and corpus.format")
     return asdict(report)
 
 
-def _refuse_duplicate_ids(store: Path, cfg: BuildConfig) -> None:
+def refuse_duplicate_ids(store: Path, cfg: BuildConfig) -> None:
     """Two documents with one id would give two passages "id#0": updates and deletes by id could not tell them
     apart. Checked on the written store's id column (Arrow's hashing, no Python set of 21M ids)."""
     import pyarrow as pa
@@ -195,7 +195,7 @@ def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
 
 
-def _shard_path(out: Path, i: int) -> Path:
+def shard_path(out: Path, i: int) -> Path:
     return IndexFolder(out).shard_path(i)
 
 
@@ -204,7 +204,7 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
     """Encode this process's shards that are not on disk yet; return the encoder's fingerprint."""
     from rag.encoders import Encoder
 
-    todo = [i for i in shards if not _shard_path(out, i).is_file()]
+    todo = [i for i in shards if not shard_path(out, i).is_file()]
     if len(todo) < len(shards):
         log.info("resuming the build of %s: %d of %d shards already encoded", out, len(shards) - len(todo),
                  len(shards))
@@ -217,15 +217,15 @@ def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, d
         titles = store.column("title", start, stop)
         texts = store.column("text", start, stop)
         vecs = encoder.encode(texts, titles, progress=f"encode shard {i + 1}/{len(ranges)}" if progress else False)
-        save_npy(_shard_path(out, i), vecs.astype(cfg.index.vector_dtype))  # a shard exists only once it is whole
+        save_npy(shard_path(out, i), vecs.astype(cfg.index.vector_dtype))  # a shard exists only once it is whole
     return {"fingerprint": encoder.fingerprint, "precision": name_of(encoder.compute_dtype)}
 
 
-def _merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
+def merge_shards(out: Path, cfg: BuildConfig, count: int, dim: int) -> None:
     with writing(out / VECTORS_FILE) as tmp:
         merged = open_npy(tmp, cfg.index.vector_dtype, (count, dim))
         for i, (start, stop) in enumerate(shard_ranges(count, cfg.index.shard_size)):
-            merged[start:stop] = np.load(_shard_path(out, i), mmap_mode="r")
+            merged[start:stop] = np.load(shard_path(out, i), mmap_mode="r")
         merged.flush()
         del merged
     shutil.rmtree(out / SHARDS)
@@ -246,18 +246,18 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
     t0 = time.perf_counter()
     state = None
     if dist.is_main_process:
-        state = _check_folder(out, cfg)
+        state = check_folder(out, cfg)
         if state and state.get("complete"):
             log.info("%s is already built with this config", out)
         else:
             out.mkdir(parents=True, exist_ok=True)
             state = state or {"identity": identity(cfg), "corpus": corpus_fingerprint(cfg), "stages": {}}
-            _save_state(out, state)
+            save_state(out, state)
             save_config(cfg, out / "config.yaml")
             if "passages" not in state["stages"]:
                 state["stages"]["passages"] = {"report": _write_passages(out, cfg, progress),
                                                "seconds": time.perf_counter() - t0}
-                _save_state(out, state)
+                save_state(out, state)
     dist.wait_for_everyone()
     if (out / MANIFEST).is_file() and not (out / STATE_FILE).is_file():
         return out
@@ -272,12 +272,12 @@ def build(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> P
         encoded = _encode_shards(out, cfg, mine, count, device, progress and dist.is_local_main_process)
         dist.wait_for_everyone()
         if dist.is_main_process:
-            dim = np.load(_shard_path(out, 0), mmap_mode="r").shape[1]
-            _merge_shards(out, cfg, count, dim)
+            dim = np.load(shard_path(out, 0), mmap_mode="r").shape[1]
+            merge_shards(out, cfg, count, dim)
             state["stages"]["vectors"] = {"seconds": time.perf_counter() - t1, **encoded}
-            _save_state(out, state)
+            save_state(out, state)
     if dist.is_main_process:
-        _finish(out, cfg, state, progress)
+        finish(out, cfg, state, progress)
     dist.wait_for_everyone()
     return out
 
@@ -328,7 +328,7 @@ def build_sparse(folder: IndexFolder, generation: int, store: PassageStore, cfg)
     return bm25.build(folder, generation, store.column("title"), store.column("text"), cfg)
 
 
-def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
+def finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
     vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
     count, dim = vectors.shape
     if "index" not in state["stages"]:
@@ -336,13 +336,13 @@ def _finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         index, extra = build_faiss(vectors, cfg.index, progress)
         write_faiss(index, out / INDEX_FILE)
         state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
-        _save_state(out, state)
+        save_state(out, state)
     folder = IndexFolder(out)
     if cfg.sparse.kind == "bm25" and "sparse" not in state["stages"]:
         t = time.perf_counter()
         state["stages"]["sparse"] = {"record": build_sparse(folder, 0, PassageStore(out / STORE_FILE), cfg.sparse),
                                      "seconds": time.perf_counter() - t}
-        _save_state(out, state)
+        save_state(out, state)
     stages = state["stages"]
     manifest = folder.first_manifest(
         count=count, dim=dim,

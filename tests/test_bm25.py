@@ -9,21 +9,18 @@ from rag.config import BuildConfig, ConfigError, IndexConfig, load_config
 from rag.fusion import fuse
 from rag.index import DenseIndex
 from rag.index_folder import IndexFolderError
-from tests.conftest import DOCS, rag_config, write_jsonl
+from tests.conftest import DOCS, build_cfg, rag_config, write_jsonl
 
 pytest.importorskip("bm25s")
 
 
-def build_cfg(tmp_path, tiny_bert, *extra):
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
-    return load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
-                                           f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8",
-                                           *extra])
+def index_cfg(tmp_path, tiny_bert, *extra):
+    return build_cfg(tmp_path, tiny_bert, write_jsonl(tmp_path / "corpus.jsonl", DOCS), *extra)
 
 
 @pytest.fixture
 def built(tmp_path, tiny_bert):
-    return build(build_cfg(tmp_path, tiny_bert, "sparse.kind=bm25"), progress=False)
+    return build(index_cfg(tmp_path, tiny_bert, "sparse.kind=bm25"), progress=False)
 
 
 def ids_of(index, rows):
@@ -92,7 +89,7 @@ def test_update_and_compact_keep_bm25_in_step(built, tmp_path):
 def test_an_update_adds_the_bm25_part_and_a_missing_part_is_one_error(tmp_path, tiny_bert, tiny_lms):
     from rag.pipeline import RagPipeline
 
-    out = build(build_cfg(tmp_path, tiny_bert), progress=False)
+    out = build(index_cfg(tmp_path, tiny_bert), progress=False)
     with pytest.raises(IndexFolderError, match=r"needs a BM25 part.*--set sparse.kind=bm25"):
         RagPipeline.load(rag_config(out, tiny_bert, tiny_lms["llama"], retrieval="bm25"))
     update(out, overrides=("sparse.kind=bm25",), progress=False)
@@ -102,7 +99,7 @@ def test_an_update_adds_the_bm25_part_and_a_missing_part_is_one_error(tmp_path, 
 
 def test_an_unknown_stemmer_language_lists_the_known(tmp_path, tiny_bert):
     with pytest.raises(ConfigError, match="sparse.language: 'klingon' has no stemmer; known: arabic.*polish.*russian"):
-        build(build_cfg(tmp_path, tiny_bert, "sparse.kind=bm25", "sparse.language=klingon"), progress=False)
+        build(index_cfg(tmp_path, tiny_bert, "sparse.kind=bm25", "sparse.language=klingon"), progress=False)
 
 
 @pytest.mark.parametrize("retrieval", ["bm25", "hybrid"])
@@ -139,7 +136,7 @@ def test_a_new_index_kind_is_one_class_and_one_registry_line(tmp_path, tiny_bert
             return "SQ8"
 
     monkeypatch.setitem(index_kinds.KINDS, "sq8", ScalarQuantised())
-    out = build(build_cfg(tmp_path, tiny_bert, "index.type=sq8", "index.rerank=20"), progress=False)
+    out = build(index_cfg(tmp_path, tiny_bert, "index.type=sq8", "index.rerank=20"), progress=False)
     add = write_jsonl(tmp_path / "add.jsonl", [{"id": "rome", "title": "Rome", "text": "Rome lies on the Tiber."}])
     update(out, add=str(add), progress=False)
     index = DenseIndex.load(out, verify=True)

@@ -12,8 +12,7 @@ import pytest
 
 from index_builder.build import build
 from rag.index import DenseIndex
-from tests.conftest import DOCS, write_jsonl
-from tests.test_reliability import build_cfg
+from tests.conftest import DOCS, build_cfg, write_jsonl
 
 
 def run_limited(argv: list[str], limit: int) -> subprocess.CompletedProcess:

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from index_builder.build import build
-from index_builder.imports import import_index
+from index_builder.importer import import_index
 from index_builder.update import compact, update
 from rag.config import BuildConfig, load_config
 from rag.index import DenseIndex
 from rag.index_folder import IndexFolder, IndexFolderError
-from tests.conftest import DOCS, write_jsonl
-from tests.test_reliability import build_cfg
+from tests.conftest import DOCS, build_cfg, write_jsonl
 
 
 @pytest.fixture
@@ -128,7 +127,7 @@ def test_import_writes_nothing_through_planted_links(tmp_path, victim, monkeypat
                                           f"corpus.path={tmp_path / 'passages.jsonl'}",
                                           f"corpus.vectors={tmp_path / 'vectors.npy'}", "encoder.name=x"])
     out = tmp_path / "imported"
-    killed_at(monkeypatch, "index_builder.imports", "_merge_shards", lambda: import_index(cfg, progress=False))
+    killed_at(monkeypatch, "index_builder.importer", "merge_shards", lambda: import_index(cfg, progress=False))
     for name in ("passages.arrow", "vectors.npy", "index.faiss", "config.yaml"):
         (out / name).unlink(missing_ok=True)
         (out / name).symlink_to(victim)

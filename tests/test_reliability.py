@@ -22,13 +22,7 @@ from index_builder.build import BuildError, build
 from rag.config import BuildConfig, load_config
 from rag.index import DenseIndex
 from rag.index_folder import IndexFolderError
-from tests.conftest import DOCS, write_jsonl
-
-
-def build_cfg(tmp_path, tiny_bert, corpus, *extra):
-    return load_config(BuildConfig, None, [f"output={tmp_path / 'index'}", f"corpus.path={corpus}",
-                                           f"encoder.name={tiny_bert}", "passages.words=12", "passages.stride=8",
-                                           *extra])
+from tests.conftest import DOCS, build_cfg, write_jsonl
 
 
 def snapshot(folder):
@@ -180,8 +174,7 @@ def cli(capsys):
 ])
 def test_damaged_index_files_are_one_line(built, cli, tiny_bert, tiny_lms, tmp_path, damage, name):
     from rag.cli import main as ask
-    from tests.conftest import rag_config
-    from tests.test_one_way_in import _yaml
+    from tests.conftest import rag_config, rag_yaml
 
     path = built / name
     data = path.read_bytes()
@@ -189,7 +182,7 @@ def test_damaged_index_files_are_one_line(built, cli, tiny_bert, tiny_lms, tmp_p
     # the same size as the manifest says: a damaged body, not a short file
     path.write_bytes(b"\0" * len(data) if damage == "truncate" else b"garbage!" + data[8:])
     assert manifest["files"][name]["bytes"] == path.stat().st_size
-    cfg = _yaml(tmp_path / "rag.yaml", rag_config(built, tiny_bert, tiny_lms["llama"]))
+    cfg = rag_yaml(tmp_path / "rag.yaml", rag_config(built, tiny_bert, tiny_lms["llama"]))
     cli(ask, ["ask", "capital", "--config", str(cfg)], name)
 
 
@@ -224,17 +217,16 @@ def test_bad_paths_and_numbers_are_one_line(tmp_path, cli, tiny_bert, built):
 ])
 def test_numbers_out_of_range_are_one_line_naming_the_key(args, key, cli, built, tiny_bert, tiny_lms, tmp_path):
     from rag.cli import main as ask
-    from tests.conftest import rag_config
-    from tests.test_one_way_in import _yaml
+    from tests.conftest import rag_config, rag_yaml
 
-    cfg = _yaml(tmp_path / "rag.yaml", rag_config(built, tiny_bert, tiny_lms["llama"]))
+    cfg = rag_yaml(tmp_path / "rag.yaml", rag_config(built, tiny_bert, tiny_lms["llama"]))
     cli(ask, ["ask", "capital", "--config", str(cfg), *args], key)
 
 
 def test_a_resumed_import_rereads_a_fixed_source(tmp_path, monkeypatch):
     """Killed after some vector shards, its source fixed, an import once kept 4,000 of 5,000 rows from the failed run
     (`corpus.vectors` was not in the fingerprint, and shards were reused before the passage stage was recorded)."""
-    from index_builder.imports import import_index
+    from index_builder.importer import import_index
 
     rows = [{"id": str(i), "title": f"t{i}", "text": f"text {i}"} for i in range(50)]
     write_jsonl(tmp_path / "passages.jsonl", rows)
@@ -243,7 +235,7 @@ def test_a_resumed_import_rereads_a_fixed_source(tmp_path, monkeypatch):
     cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'out'}", "corpus.format=npy",
                                           f"corpus.path={tmp_path / 'passages.jsonl'}", f"corpus.vectors={vectors}",
                                           "encoder.name=x", "index.shard_size=10"])
-    imports = importlib.import_module("index_builder.imports")
+    imports = importlib.import_module("index_builder.importer")
     real, written = imports._write_shard, []
 
     def dies_after_three(out, i, vecs, cfg):

@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(setup):
-    from index_builder.imports import import_index
+    from index_builder.importer import import_index
     from rag.config import BuildConfig, load_config
 
     root, passages, _ = setup
@@ -156,7 +156,7 @@ def test_import_from_arrow_parquet_and_npy(setup, tmp_path, fmt):
     import pyarrow.parquet as pq
     from datasets import load_from_disk
 
-    from index_builder.imports import import_index
+    from index_builder.importer import import_index
     from rag.config import BuildConfig, load_config
     from rag.index import DenseIndex
 
@@ -209,7 +209,7 @@ def test_wrong_inputs_are_one_line(setup, tmp_path, tiny_bert, capsys):
     with pytest.raises(ConfigError, match="not a transformers RAG model"):
         RagPipeline.from_transformers(tiny_bert, tmp_path, folder=tmp_path / "conv")
     # an index of another dimension than the checkpoint's question encoder
-    from index_builder.imports import import_index
+    from index_builder.importer import import_index
     from rag.config import BuildConfig, load_config
 
     other = tmp_path / "dim16"
@@ -241,7 +241,7 @@ def test_a_config_naming_a_transformers_checkpoint(setup, imported, tmp_path, mo
 
 
 def test_a_killed_import_keeps_its_shards(setup, tmp_path, monkeypatch):
-    import index_builder.imports as imports
+    import index_builder.importer as importer
     from rag.config import BuildConfig, load_config
     from rag.index import DenseIndex
 
@@ -255,14 +255,14 @@ def test_a_killed_import_keeps_its_shards(setup, tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr(imports, "_merge_shards", killed)
+    monkeypatch.setattr(importer, "merge_shards", killed)
     with pytest.raises(Killed):
-        imports.import_index(cfg, progress=False)
+        importer.import_index(cfg, progress=False)
     monkeypatch.undo()
     shards = sorted((tmp_path / "idx" / "shards").glob("*.npy"))
     assert len(shards) == 3
     written = []
     real = np.save
     monkeypatch.setattr(np, "save", lambda f, *a, **k: (written.append(f), real(f, *a, **k)))
-    imports.import_index(cfg, progress=False)
+    importer.import_index(cfg, progress=False)
     assert not written and len(DenseIndex.load(tmp_path / "idx")) == 12  # no shard written again

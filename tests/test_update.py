@@ -195,8 +195,7 @@ def test_an_emptied_index_stays_valid_answers_clearly_and_takes_new_documents(tm
     """Deleting every document and compacting once left a folder that verify, rag ask and update --add crashed on."""
     from rag.cli import main as ask
     from rag.pipeline import RagPipeline
-    from tests.conftest import rag_config
-    from tests.test_one_way_in import _yaml
+    from tests.conftest import rag_config, rag_yaml
 
     docs = long_docs(6)
     base = make(tmp_path, tiny_bert, docs, "base", kind)
@@ -209,7 +208,7 @@ def test_an_emptied_index_stays_valid_answers_clearly_and_takes_new_documents(tm
     pipe = RagPipeline.load(rag_config(base, tiny_bert, tiny_lms["llama"]))
     with pytest.raises(IndexFolderError, match="no passages to retrieve.*update --index"):
         pipe.answer("capital of france")
-    cfg = _yaml(tmp_path / "rag.yaml", rag_config(base, tiny_bert, tiny_lms["llama"]))
+    cfg = rag_yaml(tmp_path / "rag.yaml", rag_config(base, tiny_bert, tiny_lms["llama"]))
     capsys.readouterr()
     assert ask(["ask", "capital", "--config", str(cfg)]) == 2
     assert "no passages to retrieve" in capsys.readouterr().err

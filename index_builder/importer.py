@@ -20,15 +20,15 @@ import numpy as np
 
 from index_builder.build import (
     BuildError,
-    _check_folder,
-    _finish,
-    _merge_shards,
-    _refuse_duplicate_ids,
-    _save_state,
-    _shard_path,
+    check_folder,
     check_settings,
     corpus_fingerprint,
+    finish,
     identity,
+    merge_shards,
+    refuse_duplicate_ids,
+    save_state,
+    shard_path,
 )
 from rag.config import BuildConfig, save_config
 from rag.files import save_npy, writing
@@ -50,13 +50,13 @@ def import_index(cfg: BuildConfig, progress: bool = True) -> Path:
     out = IndexFolder(cfg.output).path
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} is a file, not a folder; give the index a folder of its own")
-    state = _check_folder(out, cfg, how="remove the folder and import again")
+    state = check_folder(out, cfg, how="remove the folder and import again")
     if state and state.get("complete"):
         log.info("%s is already imported with this config", out)
         return out
     out.mkdir(parents=True, exist_ok=True)
     state = state or {"identity": identity(cfg), "corpus": corpus_fingerprint(cfg), "stages": {}}
-    _save_state(out, state)
+    save_state(out, state)
     save_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
     if "vectors" not in state["stages"]:
@@ -64,11 +64,11 @@ def import_index(cfg: BuildConfig, progress: bool = True) -> Path:
         state["stages"]["passages"] = {"report": {"passages_written": count, "imported": True},
                                        "seconds": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        _merge_shards(out, cfg, count, dim)
+        merge_shards(out, cfg, count, dim)
         state["stages"]["vectors"] = {"seconds": time.perf_counter() - t1, "fingerprint": "imported",
                                       "precision": "imported"}
-        _save_state(out, state)
-    _finish(out, cfg, state, progress)
+        save_state(out, state)
+    finish(out, cfg, state, progress)
     return out
 
 
@@ -103,12 +103,12 @@ def _passages_and_shards(out: Path, cfg: BuildConfig, progress: bool) -> tuple[i
                 _write_shard(out, shard, np.concatenate(pending_vecs), cfg)
         if count == 0:
             raise BuildError(f"{cfg.corpus.path}: no passages to import")
-        _refuse_duplicate_ids(tmp, cfg)
+        refuse_duplicate_ids(tmp, cfg)
     return count, dim
 
 
 def _write_shard(out: Path, i: int, vecs: np.ndarray, cfg: BuildConfig) -> None:
-    path = _shard_path(out, i)
+    path = shard_path(out, i)
     if path.is_file():  # written whole by an earlier, killed run
         return
     save_npy(path, vecs.astype(cfg.index.vector_dtype))
