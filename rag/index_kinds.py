@@ -18,8 +18,6 @@ from rag.errors import ConfigError
 if TYPE_CHECKING:  # faiss is imported where an index is made or searched: rag.config reads KINDS without it
     import faiss
 
-    from rag.config import IndexConfig
-
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +43,9 @@ def augment(x: np.ndarray, norm2: float | None) -> np.ndarray:
 
 
 class IndexKind:
-    """Exact inner-product search over every vector (faiss `Flat`): the reference the others are measured by."""
+    """Exact inner-product search over every vector (faiss `Flat`): the reference the others are measured by.
+
+    Every method's `cfg` is the index's `rag.config.IndexConfig` (not imported here: rag.config reads `KINDS`)."""
 
     name = "flat"
     on_gpu = True  # faiss can move it to a GPU
@@ -53,16 +53,16 @@ class IndexKind:
     approximate = False  # its scores are not the exact dᵀq: re-rank from the stored vectors
     lossy = False  # its codes cannot give back the stored vectors (the load-time probe searches instead)
 
-    def factory(self, cfg: IndexConfig) -> str:
+    def factory(self, cfg) -> str:
         return "Flat"
 
-    def check(self, n: int, dim: int, cfg: IndexConfig) -> None:
+    def check(self, n: int, dim: int, cfg) -> None:
         """Refuse settings that cannot build over n vectors of dimension dim."""
 
     def uses_mips_transform(self) -> bool:
         return False
 
-    def build(self, vectors: np.ndarray, cfg: IndexConfig, progress: bool = True,
+    def build(self, vectors: np.ndarray, cfg, progress: bool = True,
               chunk: int = 20_000) -> tuple[faiss.Index, dict]:
         """The index over (N, D) vectors read in chunks (the array may be a memory map), and what search needs to
         know about it (`mips_norm2` for the MIPS transform, see `augment`)."""
@@ -87,19 +87,19 @@ class IndexKind:
         bar.close()
         return index, {"mips_norm2": norm2}
 
-    def configure(self, index: faiss.Index, cfg: IndexConfig) -> None:
+    def configure(self, index: faiss.Index, cfg) -> None:
         """Build-time settings on a fresh index."""
 
-    def set_search(self, index: faiss.Index, cfg: IndexConfig) -> None:
+    def set_search(self, index: faiss.Index, cfg) -> None:
         """Search-time settings on a loaded index."""
 
-    def search_params(self, cfg: IndexConfig, selector) -> faiss.SearchParameters:
+    def search_params(self, cfg, selector) -> faiss.SearchParameters:
         """Parameters of one search that skips the rows `selector` excludes (deleted passages)."""
         import faiss
 
         return faiss.SearchParameters(sel=selector)
 
-    def candidates(self, k: int, cfg: IndexConfig) -> int:
+    def candidates(self, k: int, cfg) -> int:
         """How many hits to ask faiss for so that an exact re-rank can pick the top k."""
         return max(k, cfg.rerank) if self.approximate else k
 
@@ -111,21 +111,21 @@ class HNSW(IndexKind):
     on_gpu = False
     approximate = True
 
-    def factory(self, cfg: IndexConfig) -> str:
+    def factory(self, cfg) -> str:
         return f"HNSW{cfg.hnsw_m}"
 
     def uses_mips_transform(self) -> bool:
         return True
 
-    def configure(self, index: faiss.Index, cfg: IndexConfig) -> None:
+    def configure(self, index: faiss.Index, cfg) -> None:
         index.hnsw.efConstruction = cfg.ef_construction
 
-    def set_search(self, index: faiss.Index, cfg: IndexConfig) -> None:
+    def set_search(self, index: faiss.Index, cfg) -> None:
         import faiss
 
         faiss.downcast_index(index).hnsw.efSearch = cfg.ef_search
 
-    def search_params(self, cfg: IndexConfig, selector) -> faiss.SearchParameters:
+    def search_params(self, cfg, selector) -> faiss.SearchParameters:
         import faiss
 
         return faiss.SearchParametersHNSW(sel=selector, efSearch=cfg.ef_search)
@@ -140,21 +140,21 @@ class IVFPQ(IndexKind):
     approximate = True
     lossy = True
 
-    def factory(self, cfg: IndexConfig) -> str:
+    def factory(self, cfg) -> str:
         return f"IVF{cfg.nlist},PQ{cfg.pq_m}x{cfg.nbits}np"  # np: no polysemous training, unused by search
 
-    def check(self, n: int, dim: int, cfg: IndexConfig) -> None:
+    def check(self, n: int, dim: int, cfg) -> None:
         if dim % cfg.pq_m:
             raise ConfigError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}")
         if n < cfg.nlist:
             raise ConfigError(f"index.nlist={cfg.nlist} needs at least that many passages (have {n}); lower it")
 
-    def set_search(self, index: faiss.Index, cfg: IndexConfig) -> None:
+    def set_search(self, index: faiss.Index, cfg) -> None:
         import faiss
 
         faiss.extract_index_ivf(index).nprobe = cfg.nprobe
 
-    def search_params(self, cfg: IndexConfig, selector) -> faiss.SearchParameters:
+    def search_params(self, cfg, selector) -> faiss.SearchParameters:
         import faiss
 
         return faiss.SearchParametersIVF(sel=selector, nprobe=cfg.nprobe)
@@ -163,7 +163,7 @@ class IVFPQ(IndexKind):
 KINDS: dict[str, IndexKind] = {kind.name: kind for kind in (IndexKind(), HNSW(), IVFPQ())}
 
 
-def kind_of(cfg: IndexConfig) -> IndexKind:
+def kind_of(cfg) -> IndexKind:
     """The kind an index config names; an unknown name is an error listing the known ones."""
     try:
         return KINDS[cfg.type]
