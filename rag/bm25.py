@@ -80,13 +80,22 @@ def build(where: IndexFolder, generation: int, titles: list[str], texts: list[st
     # one of these names is replaced, never written through)
     staging = Path(tempfile.mkdtemp(prefix=".bm25-", suffix=".tmp", dir=where.path))
     try:
-        retriever.save(str(staging), **{f"{p}_name": n for p, n in names.items()}, show_progress=False)
+        retriever.save(str(staging), **{f"{p}_name": n for p, n in names.items()},
+                       **_quiet(retriever.save, show_progress=False))
         written = {p: n for p, n in names.items() if (staging / n).is_file()}
         for name in written.values():
             os.replace(staging / name, where.path / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**record, "files": written, "rows": len(texts)}
+
+
+def _quiet(function, **settings) -> dict:
+    """The progress and verbosity settings this bm25s's `function` takes (older versions take fewer)."""
+    import inspect
+
+    known = inspect.signature(function).parameters
+    return {k: v for k, v in settings.items() if k in known}
 
 
 class Bm25Part:
@@ -103,7 +112,8 @@ class Bm25Part:
 
         names = {f"{p}_name": where.file(n).name for p, n in record["files"].items()}
         try:
-            retriever = bm25s.BM25.load(str(where.path), **names, mmap=True, show_progress=False, verbosity=0)
+            retriever = bm25s.BM25.load(str(where.path), **names, mmap=True,
+                                        **_quiet(bm25s.BM25.load, show_progress=False, verbosity=0))
         except (OSError, ValueError, KeyError) as e:
             raise IndexFolderError(f"{where.path}: its BM25 files cannot be read ({str(e)[:200]}); rebuild the "
                                    "index with --overwrite") from None
