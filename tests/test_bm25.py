@@ -104,9 +104,8 @@ def test_an_unknown_stemmer_language_lists_the_known(tmp_path, tiny_bert):
 
 @pytest.mark.parametrize("retrieval", ["bm25", "hybrid"])
 def test_retrieval_modes_answer_and_say_which_side_found_each_passage(built, tiny_bert, tiny_lms, retrieval):
-    from rag.pipeline import RagPipeline
-
     from rag.config import FusionConfig
+    from rag.pipeline import RagPipeline
 
     # a BM25-heavy fusion: the tiny random encoder's ranking differs between library versions
     pipe = RagPipeline.load(rag_config(built, tiny_bert, tiny_lms["llama"], retrieval=retrieval,
