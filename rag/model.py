@@ -85,8 +85,8 @@ class RagModel(nn.Module):
                                  for ps, a in zip(retrieved.passages, answers, strict=True)],
                                 device=device) if needs_positives else None
         if distant_weight:
-            total = total + distant_weight * marginal.distant_supervision_loss(retrieved.doc_scores, positive,
-                                                                              settings.distant_scale)
+            scores = retrieved.doc_scores if retrieved.dense_scores is None else retrieved.dense_scores
+            total = total + distant_weight * marginal.distant_supervision_loss(scores, positive, settings.distant_scale)
         if rag_weight:
             weight = torch.ones(len(questions), device=device)
             if unanswerable_weight != 1.0:

@@ -26,6 +26,9 @@ class Retrieved:
     doc_scores: torch.Tensor  # (B, K) d(z)ᵀq(x) (or the BM25 / fused score), differentiable in BERT_q if dense
     passages: list[list[Passage]]  # (B, K)
     ranks: np.ndarray | None = None  # (B, K, 2) 1-based rank on the dense and the BM25 side; 0: not found there
+    # (B, K) d(z)ᵀq(x) of these passages, differentiable in BERT_q (None with retrieval bm25): what distant
+    # supervision trains BERT_q on, whichever side found the passages (hybrid: BM25's hard negatives)
+    dense_scores: torch.Tensor | None = None
 
 
 class NonFinite(RagError):
@@ -98,7 +101,8 @@ class Retriever(nn.Module):
         hits = index.search(q.detach().float().cpu().numpy(), k, return_vectors=True)  # one batched search
         ranks = np.stack([np.where(hits.ids >= 0, np.arange(1, hits.ids.shape[1] + 1), 0),
                           np.zeros_like(hits.ids)], -1)  # (B, K, 2)
-        return self._retrieved(index, hits.ids, self._dense_scores(hits.vectors, q), ranks)
+        dq = self._dense_scores(hits.vectors, q)  # (B, K)
+        return self._retrieved(index, hits.ids, dq, ranks, dq)
 
     def _bm25(self, index: DenseIndex, questions: list[str], k: int) -> Retrieved:
         """RAG-BM25: the prior from the scaled BM25 scores; BERT_q takes no part."""
@@ -116,7 +120,7 @@ class Retriever(nn.Module):
         fused = fuse(dense.ids, dense.scores, sparse_ids, sparse_scores, k, f.method, f.bm25_weight, f.rrf_k)
         dq = self._dense_scores(index.gather(fused.ids), q)  # (B, K)
         doc_scores = torch.from_numpy(fused.scores).to(dq.device, dq.dtype) + (dq - dq.detach())
-        return self._retrieved(index, fused.ids, doc_scores, fused.ranks)
+        return self._retrieved(index, fused.ids, doc_scores, fused.ranks, dq)
 
     @staticmethod
     def _dense_scores(vectors: np.ndarray, q: torch.Tensor) -> torch.Tensor:
@@ -124,8 +128,10 @@ class Retriever(nn.Module):
         return torch.einsum("bkd,bd->bk", d, q)  # (B, K)
 
     @staticmethod
-    def _retrieved(index: DenseIndex, ids: np.ndarray, doc_scores: torch.Tensor, ranks: np.ndarray) -> Retrieved:
+    def _retrieved(index: DenseIndex, ids: np.ndarray, doc_scores: torch.Tensor, ranks: np.ndarray,
+                   dense: torch.Tensor | None = None) -> Retrieved:
         missing = torch.from_numpy(ids < 0).to(doc_scores.device)  # (B, K) no hit: masked out of every softmax
         if missing.any():
             doc_scores = doc_scores.masked_fill(missing, float("-inf"))
-        return Retrieved(ids, doc_scores, [index.passages(row) for row in ids], ranks)
+            dense = None if dense is None else dense.masked_fill(missing, float("-inf"))
+        return Retrieved(ids, doc_scores, [index.passages(row) for row in ids], ranks, dense)
