@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=500, help="NQ-open dev questions evaluated (the first N)")
     ap.add_argument("--tune", type=int, default=300, help="questions of each tuning set for choosing the fusion")
+    ap.add_argument("--fusion", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="skip the tuning and use this fusion (e.g. fusion.method=sum fusion.bm25_weight=0.2)")
     ap.add_argument("--answers", type=int, default=0, help="also exact match over the first N of each set")
+    ap.add_argument("--adapter", default=None, help="a BERT_q adapter to compare too (e.g. trained with BM25 hard "
+                                                    "negatives: rag-train with rag_set retrieval=hybrid)")
     args = ap.parse_args(argv)
     from eval.qa import answerable
     from rag.first_use import load_pipeline
@@ -81,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         base = RagPipeline.load(None, (f"index={index}",))
         flags = {name: answerable(ex, base) for name, ex in sets.items()}
         tune_flags = answerable(tune, base)
-        fusion = choose_fusion(index, tune, tune_flags)
-        print(f"fusion chosen on {len(tune)} other questions (answerable recall@5): {fusion}")
+        if args.fusion is None:
+            fusion = choose_fusion(index, tune, tune_flags)
+            print(f"fusion chosen on {len(tune)} other questions (answerable recall@5): {fusion}")
+        else:
+            fusion = tuple(args.fusion)
         rows = {
             "dense, base BERT_q (the paper's frozen)": ("query_encoder.adapter=null",),
             "dense, trained BERT_q (the default)": (),
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             "hybrid, base BERT_q": ("query_encoder.adapter=null", "retrieval=hybrid", *fusion),
             "hybrid, trained BERT_q": ("retrieval=hybrid", *fusion),
         }
+        if args.adapter:
+            rows["dense, BERT_q with BM25 hard negatives"] = (f"query_encoder.adapter={args.adapter}",)
+            rows["hybrid, BERT_q with BM25 hard negatives"] = (f"query_encoder.adapter={args.adapter}",
+                                                               "retrieval=hybrid", *fusion)
         report = {}
         for row, overrides in rows.items():
             pipe = RagPipeline.load(None, (f"index={index}", *overrides))

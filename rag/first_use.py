@@ -29,20 +29,28 @@ def load_pipeline(source: str | Path | RagConfig | None = None, overrides: tuple
 
 
 def ensure_index(cfg: RagConfig) -> None:
-    """Build `cfg.index` from the index config `cfg.build` when the folder holds no finished index."""
+    """Build `cfg.index` from the index config `cfg.build` when the folder holds no finished index; add its BM25
+    part when the config retrieves with BM25 and an index built before it has none."""
     folder = IndexFolder(cfg.index)
+    if folder.is_built() and cfg.build and cfg.retrieval != "dense" and not folder.read_manifest().get("sparse"):
+        log.info("adding a BM25 part to %s (once)", folder.path)
+        _run([sys.executable, "-m", "index_builder", "update", "--index", str(folder.path), "--set",
+              "sparse.kind=bm25", "--quiet"], f"adding a BM25 part to {folder.path} failed (see above)")
     if folder.is_built() or not cfg.build:
         return
     config = resolve_config_path(cfg.build)
     resuming = folder.state_path.is_file()
     log.info("%s the index %s from %s (once; later runs load it, and a stopped build resumes)",
              "resuming" if resuming else "building", folder.path, config)
-    command = [sys.executable, "-m", "index_builder", "build", "--config", str(config), "--set",
-               f"output={folder.path}"]
+    _run([sys.executable, "-m", "index_builder", "build", "--config", str(config), "--set", f"output={folder.path}"],
+         f"building {folder.path} from {config} failed (see above); fix what it says and run again: a rerun resumes "
+         "the build")
+
+
+def _run(command: list[str], failed: str) -> None:
     try:
         out = sys.stderr.fileno()  # the builder's lines go to stderr: stdout stays the caller's (rag ask --json)
     except (AttributeError, OSError, ValueError):
         out = None  # a captured stderr (tests, notebooks) has no file descriptor
     if subprocess.run(command, stdout=out).returncode != 0:
-        raise IndexFolderError(f"building {folder.path} from {config} failed (see above); fix what it says and run "
-                               "again: a rerun resumes the build")
+        raise IndexFolderError(failed)

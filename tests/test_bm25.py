@@ -150,3 +150,20 @@ def test_a_new_index_kind_is_one_class_and_one_registry_line(tmp_path, tiny_bert
     with pytest.raises(ConfigError, match="index.type: 'nope' is not an index kind; known: flat, hnsw, ivfpq, sq8"):
         build(load_config(BuildConfig, None, [f"output={tmp_path / 'other'}", f"corpus.path={tmp_path / 'corpus.jsonl'}",
                                               f"encoder.name={tiny_bert}", "index.type=nope"]), progress=False)
+
+
+def test_first_use_adds_the_bm25_part_a_config_asks_for(tmp_path, tiny_bert, tiny_lms):
+    """A managed index (the config names its build) built before BM25 existed gets its part on first use."""
+    import dataclasses
+
+    from rag.config import save_config
+    from rag.first_use import load_pipeline
+
+    cfg = index_cfg(tmp_path, tiny_bert)
+    out = build(cfg, progress=False)
+    save_config(cfg, tmp_path / "build.yaml")
+    rag = dataclasses.replace(rag_config(out, tiny_bert, tiny_lms["llama"], retrieval="bm25"),
+                              build=str(tmp_path / "build.yaml"))
+    pipe = load_pipeline(rag)
+    assert pipe.retrieve("capital of france", 1)[0][0].bm25_rank == 1
+    assert DenseIndex.load(out, verify=True).manifest["sparse"]["kind"] == "bm25"
