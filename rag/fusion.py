@@ -52,3 +52,15 @@ def fuse(dense_ids: np.ndarray, dense_scores: np.ndarray, bm25_ids: np.ndarray, 
             ids[q, j], scores[q, j] = i, total[i]
             ranks[q, j] = [side[q].get(i, (0,))[0] for side in sides]
     return Fused(ids, scores, ranks)
+
+
+def in_dense_units(fused: Fused, dense_scores: np.ndarray, method: str, bm25_weight: float, rrf_k: int,
+                   depth: int) -> np.ndarray:
+    """Fused scores rescaled, per question, so that a passage only the dense side found keeps its dense score gap to
+    the others: the prior softmax(prior_scale · score) then has the sharpness it has over dense scores (min-max
+    normalising stretched the gaps, and a prior tuned on cosines put all its mass on the first passage)."""
+    valid = np.isfinite(dense_scores)
+    span = np.where(valid.any(1), np.where(valid, dense_scores, -np.inf).max(1)
+                    - np.where(valid, dense_scores, np.inf).min(1), 0.0)  # (Q,) the dense candidates' score range
+    unit = (1.0 - bm25_weight) if method == "sum" else 1.0 - rrf_k / (rrf_k + depth)  # one dense range, fused
+    return (fused.scores * (span / max(unit, 1e-6))[:, None]).astype(np.float32)

@@ -13,7 +13,7 @@ from torch import nn
 from rag.config import FusionConfig
 from rag.encoders import Encoder
 from rag.errors import BadInput, BadType, RagError
-from rag.fusion import fuse
+from rag.fusion import fuse, in_dense_units
 from rag.index import DenseIndex
 from rag.passages import Passage
 
@@ -119,7 +119,8 @@ class Retriever(nn.Module):
         sparse_ids, sparse_scores = index.bm25.search(questions, f.depth)
         fused = fuse(dense.ids, dense.scores, sparse_ids, sparse_scores, k, f.method, f.bm25_weight, f.rrf_k)
         dq = self._dense_scores(index.gather(fused.ids), q)  # (B, K)
-        doc_scores = torch.from_numpy(fused.scores).to(dq.device, dq.dtype) + (dq - dq.detach())
+        scores = in_dense_units(fused, dense.scores, f.method, f.bm25_weight, f.rrf_k, f.depth)  # (B, K)
+        doc_scores = torch.from_numpy(scores).to(dq.device, dq.dtype) + (dq - dq.detach())
         return self._retrieved(index, fused.ids, doc_scores, fused.ranks, dq)
 
     @staticmethod

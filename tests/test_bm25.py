@@ -167,3 +167,15 @@ def test_first_use_adds_the_bm25_part_a_config_asks_for(tmp_path, tiny_bert, tin
     pipe = load_pipeline(rag)
     assert pipe.retrieve("capital of france", 1)[0][0].bm25_rank == 1
     assert DenseIndex.load(out, verify=True).manifest["sparse"]["kind"] == "bm25"
+
+
+def test_fused_scores_in_dense_units_keep_the_dense_gaps():
+    """A passage only the dense side found keeps its gap to the others: the prior is as sharp as over dense scores."""
+    from rag.fusion import in_dense_units
+
+    dense_ids = np.array([[4, 7, 9, -1]])
+    dense_scores = np.array([[0.62, 0.41, 0.30, -np.inf]], np.float32)
+    none = np.full((1, 4), -1)
+    fused = fuse(dense_ids, dense_scores, none, np.full((1, 4), -np.inf), 3, "sum", 0.2)
+    got = in_dense_units(fused, dense_scores, "sum", 0.2, 60, 4)[0]
+    assert np.allclose(got - got[0], dense_scores[0, :3] - dense_scores[0, 0], atol=1e-6)
