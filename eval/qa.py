@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from rag.errors import BadInput, RagError
-from rag.metrics import has_answer, in_normalised, normalize_answer, recall_at_k, score_answer
+from rag.metrics import example_scores, has_answer, in_normalised, normalize_answer, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
     for e, a in zip(examples, answers, strict=True):
         texts = [p.text for p in a.passages]
         out.append({"question": e.question, "gold": list(e.answers), "prediction": a.text,
-                    **score_answer(a.text, e.answers, e.patterns),
-                    f"recall@{n_docs}": recall_at_k(texts, e.answers, n_docs, e.patterns) if texts else None,
+                    **example_scores(a.text, texts, e, n_docs),
                     "retrieved": [p.id for p in a.passages], "titles": [p.title for p in a.passages],
                     "scores": [round(p.score, 4) for p in a.passages],
                     "posteriors": [round(p.posterior, 4) for p in a.passages]})

@@ -38,6 +38,11 @@ def resolve_config_path(path: str | Path) -> Path:
     return shipped if shipped.exists() else p
 
 
+def within(low: float | None, high: float | None, default):
+    """A config field with its allowed range beside it (checked where configs are parsed, `_check_ranges`)."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     # jsonl: {"title", "text", "id"?} per line; dpr_tsv: id<TAB>text<TAB>title with a header;
@@ -56,10 +61,10 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class PassageConfig:
-    words: int = 100
+    words: int = within(1, None, 100)
     # Words between the starts of consecutive windows; stride < words makes them overlap so that an answer
     # at a window boundary is whole in at least one passage.
-    stride: int = 80
+    stride: int = within(1, None, 80)
     sentence_boundaries: bool = False
     language: str = "english"
 
@@ -69,10 +74,10 @@ class EncoderConfig:
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     pooling: Literal["pooler", "cls", "mean"] = "mean"
     normalize: bool = True
-    max_length: int = 256
-    batch_size: int = 64
+    max_length: int = within(1, None, 256)
+    batch_size: int = within(1, None, 64)
     # A batch holds at most this many tokens (rows x longest); about 2k keeps a CPU's activations in cache.
-    batch_tokens: int = 2048
+    batch_tokens: int = within(1, None, 2048)
     device: str = "auto"
     # What matrix products compute in (rag/precision.py): auto = bfloat16 where the CPU or GPU has it, else float32.
     # Vectors are stored as index.vector_dtype whatever it is, so an index is searchable from either precision.
@@ -91,19 +96,19 @@ class EncoderConfig:
 class IndexConfig:
     type: str = "flat"  # an index kind registered in rag/index_kinds.py: flat, hnsw, ivfpq
     vector_dtype: Literal["float16", "float32"] = "float32"
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    nlist: int = 1024
-    pq_m: int = 64
-    nbits: int = 8
-    nprobe: int = 32
-    train_size: int = 100_000
+    hnsw_m: int = within(2, None, 32)
+    ef_construction: int = within(1, None, 80)
+    ef_search: int = within(1, None, 128)
+    nlist: int = within(1, None, 1024)
+    pq_m: int = within(1, None, 64)
+    nbits: int = within(1, 16, 8)
+    nprobe: int = within(1, None, 32)
+    train_size: int = within(1, None, 100_000)
     # Re-rank this many approximate candidates per query with exact scores from the stored vectors (0: off).
-    rerank: int = 0
+    rerank: int = within(0, None, 0)
     use_gpu: bool = False
     # Passages per encoding shard: the unit of resume after a killed build.
-    shard_size: int = 50_000
+    shard_size: int = within(1, None, 50_000)
     seed: int = 0
 
     def __post_init__(self):
@@ -118,11 +123,11 @@ class GeneratorConfig:
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     family: Literal["auto", "seq2seq", "causal"] = "auto"
     # seq2seq: tokens of the whole "title / text // question" input; causal: tokens of the passage text.
-    max_context_length: int = 300
-    max_target_length: int = 40
+    max_context_length: int = within(1, None, 300)
+    max_target_length: int = within(2, None, 40)
     # Tokens of the question that reach the generator (a longer one is cut, with one warning): a 10,000-word
     # question once went whole into every prompt (300 s and 7 GB before it was stopped).
-    max_question_length: int = 64
+    max_question_length: int = within(1, None, 64)
     chat_template: bool = True
     system_prompt: str = "Answer the question from the passage with a short phrase."
     prompt_template: str = "{title}: {text}\n\nQuestion: {question}"
@@ -137,16 +142,25 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    num_beams: int = 1
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
+    num_beams: int = within(1, None, 1)
+    max_new_tokens: int = within(1, None, 20)
+    min_new_tokens: int = within(0, None, 0)
     # Finished hypotheses are ranked by sum log-prob / length ** length_penalty (as transformers' beam search).
-    length_penalty: float = 1.0
+    length_penalty: float = within(-100, 100, 1.0)
     early_stopping: bool = False
-    num_return_sequences: int = 1
+    num_return_sequences: int = within(1, None, 1)
     # RAG-sequence: "thorough" scores every hypothesis under every passage; "fast" takes p(y|x,z) = 0 where
     # y was not in z's beam (no extra forward passes).
     sequence_decoding: Literal["thorough", "fast"] = "thorough"
+
+    @staticmethod
+    def cross_check(values: dict, where: str) -> None:
+        beams, back = values.get("num_beams", 1), values.get("num_return_sequences", 1)
+        if back > beams:
+            raise ConfigError(f"{where}.num_return_sequences: {back} is more than num_beams ({beams}); raise "
+                              "num_beams or return fewer")
+        if values.get("min_new_tokens", 0) > values.get("max_new_tokens", 20):
+            raise ConfigError(f"{where}.min_new_tokens: more than max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -154,8 +168,8 @@ class SparseConfig:
     """BM25 beside the dense index (rag/bm25.py), with its tokenisation: recorded in the manifest, used for queries."""
 
     kind: Literal["none", "bm25"] = "none"
-    k1: float = 1.5
-    b: float = 0.75
+    k1: float = within(0, None, 1.5)
+    b: float = within(0, 1, 0.75)
     language: str = "english"  # PyStemmer's Snowball stemmer (english, russian, polish, portuguese, ...) or none
     stopwords: str = "en"  # bm25s' stopword list (en, de, fr, es, pt, it, ru, ...) or none
 
@@ -175,9 +189,9 @@ class FusionConfig:
     """How hybrid retrieval merges the dense and the BM25 candidates (rag/fusion.py)."""
 
     method: Literal["rrf", "sum"] = "sum"  # reciprocal-rank fusion, or a weighted sum of min-max-normalised scores
-    bm25_weight: float = 0.3  # sum: the BM25 side's weight (the dense side has 1 - this)
-    depth: int = 100  # candidates taken from each side before fusing
-    rrf_k: int = 60  # rrf: score = Σ rrf_k / (rrf_k + rank) over the sides that found the passage
+    bm25_weight: float = within(0, 1, 0.3)  # sum: the BM25 side's weight (the dense side has 1 - this)
+    depth: int = within(1, None, 100)  # candidates taken from each side before fusing
+    rrf_k: int = within(0, None, 60)  # rrf: score = Σ rrf_k / (rrf_k + rank) over the sides that found the passage
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -232,49 +246,20 @@ LEGACY_KEYS = {("EncoderConfig", "dtype"): "precision", ("TrainConfig", "mixed_p
 
 # Allowed ranges of numeric settings (inclusive lower, inclusive upper; None: unbounded). A value outside is an error
 # that names the key and the range, never a silent fallback ("n_docs: 0" once meant 5).
-RANGES = {
-    "EncoderConfig": {"max_length": (1, None), "batch_size": (1, None), "batch_tokens": (1, None)},
-    "PassageConfig": {"words": (1, None), "stride": (1, None)},
-    "IndexConfig": {"hnsw_m": (2, None), "ef_construction": (1, None), "ef_search": (1, None), "nlist": (1, None),
-                    "pq_m": (1, None), "nbits": (1, 16), "nprobe": (1, None), "train_size": (1, None),
-                    "rerank": (0, None), "shard_size": (1, None)},
-    "GeneratorConfig": {"max_context_length": (1, None), "max_target_length": (2, None),
-                        "max_question_length": (1, None)},
-    "DecodingConfig": {"num_beams": (1, None), "max_new_tokens": (1, None), "min_new_tokens": (0, None),
-                       "length_penalty": (-100, 100), "num_return_sequences": (1, None)},
-    "RagConfig": {"n_docs": (1, None), "prior_scale": (1e-6, 1e6), "bm25_scale": (1e-6, 1e6)},
-    "SparseConfig": {"k1": (0, None), "b": (0, 1)},
-    "FusionConfig": {"bm25_weight": (0, 1), "depth": (1, None), "rrf_k": (0, None)},
-    "LoraSettings": {"rank": (0, None), "alpha": (1e-6, None), "dropout": (0, 0.999)},
-    "DataConfig": {"dev_limit": (0, None)},
-    "TrainConfig": {"lr_query_encoder": (0, 1), "lr_generator": (0, 1), "weight_decay": (0, None),
-                    "warmup_steps": (0, None), "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
-                    "max_grad_norm": (0, None), "label_smoothing": (0, 0.999), "rag_loss": (0, None),
-                    "distant_loss": (0, None), "distant_docs": (1, None), "distant_scale": (1e-6, None),
-                    "unanswerable_weight": (0, None),
-                    "log_every": (1, None), "checkpoint_every": (1, None), "keep_checkpoints": (1, None),
-                    "eval_every": (1, None)},
-}
-
-
 def _check_ranges(cls: type, values: dict, where: str) -> None:
+    """Each field's range as its `within` says; the cross-checks of a class live in its `cross_check`."""
     import math
 
-    for key, (low, high) in RANGES.get(cls.__name__, {}).items():
-        if key not in values or values[key] is None:
+    for f in dataclasses.fields(cls):
+        if "range" not in f.metadata or values.get(f.name) is None:
             continue
-        v = values[key]
+        (low, high), v = f.metadata["range"], values[f.name]
         if isinstance(v, float) and not math.isfinite(v) or (low is not None and v < low) or \
                 (high is not None and v > high):
             span = f">= {low}" if high is None else f"between {low} and {high}"
-            raise ConfigError(f"{where}.{key}: {v!r} is out of range; it must be {span}")
-    if cls.__name__ == "DecodingConfig":
-        beams, back = values.get("num_beams", 1), values.get("num_return_sequences", 1)
-        if back > beams:
-            raise ConfigError(f"{where}.num_return_sequences: {back} is more than num_beams ({beams}); raise "
-                              "num_beams or return fewer")
-        if values.get("min_new_tokens", 0) > values.get("max_new_tokens", 20):
-            raise ConfigError(f"{where}.min_new_tokens: more than max_new_tokens")
+            raise ConfigError(f"{where}.{f.name}: {v!r} is out of range; it must be {span}")
+    if hasattr(cls, "cross_check"):
+        cls.cross_check(values, where)
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
@@ -377,16 +362,16 @@ class RagConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     mode: Literal["sequence", "token"] = "token"
-    n_docs: int = 5
+    n_docs: int = within(1, None, 5)
     # Which passages: dense (BERT_q and FAISS), bm25 (the index folder's BM25 part: the paper's RAG-BM25), or
     # hybrid (both, fused as `fusion` says).
     retrieval: Literal["dense", "bm25", "hybrid"] = "dense"
     fusion: FusionConfig = field(default_factory=FusionConfig)
     # bm25: doc scores are BM25 scores times this before the prior's prior_scale (BM25 scores run to ~30).
-    bm25_scale: float = 0.05
+    bm25_scale: float = within(1e-06, 1000000.0, 0.05)
     # p(z|x) = softmax(prior_scale · d(z)ᵀq(x)): cosine scores lie in [-1, 1], so a scale of 1 makes the prior
     # nearly flat over the k passages; a larger one lets retrieval confidence weigh in the marginal.
-    prior_scale: float = 1.0
+    prior_scale: float = within(1e-06, 1000000.0, 1.0)
     # Where BERT_q, the generator and the index live: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N.
     device: str = "auto"
     # Search the index on that GPU too (needs faiss-gpu, the `gpu` extra); HNSW always searches on the CPU.
@@ -403,7 +388,7 @@ class DataConfig:
     train: tuple[str, ...] = ()
     format: Literal["auto", "jsonl", "webquestions", "triviaqa", "curatedtrec"] = "auto"
     dev: str | None = None
-    dev_limit: int = 200
+    dev_limit: int = within(0, None, 200)
     on_error: Literal["raise", "skip"] = "raise"
     # The target among several gold answers: the first, or one drawn anew each epoch.
     answer: Literal["first", "sample"] = "first"
@@ -413,9 +398,9 @@ class DataConfig:
 class LoraSettings:
     """LoRA (peft) for the trained parts: rank 0 trains every weight instead (full fine-tuning)."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.05
+    rank: int = within(0, None, 0)
+    alpha: float = within(1e-06, None, 16.0)
+    dropout: float = within(0, 0.999, 0.05)
     generator_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     query_encoder_modules: tuple[str, ...] = ("query", "key", "value")
 
@@ -430,30 +415,30 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train_query_encoder: bool = True
     train_generator: bool = False
-    lr_query_encoder: float = 1e-5
-    lr_generator: float = 3e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    max_steps: int = 500
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    label_smoothing: float = 0.0
+    lr_query_encoder: float = within(0, 1, 1e-5)
+    lr_generator: float = within(0, 1, 3e-5)
+    weight_decay: float = within(0, None, 0.0)
+    warmup_steps: int = within(0, None, 50)
+    max_steps: int = within(1, None, 500)
+    batch_size: int = within(1, None, 8)
+    grad_accum: int = within(1, None, 1)
+    max_grad_norm: float = within(0, None, 1.0)
+    label_smoothing: float = within(0, 0.999, 0.0)
     # Loss = rag_loss · RAG's marginal likelihood + distant_loss · distant supervision of BERT_q: among the top
     # distant_docs passages those holding the answer string are positives, scored by softmax(distant_scale · d·q).
     # rag_loss 0 trains the retriever alone and never runs the generator (seconds per step on a CPU).
-    rag_loss: float = 1.0
-    distant_loss: float = 0.0
-    distant_docs: int = 50
-    distant_scale: float = 20.0
+    rag_loss: float = within(0, None, 1.0)
+    distant_loss: float = within(0, None, 0.0)
+    distant_docs: int = within(1, None, 50)
+    distant_scale: float = within(1e-06, None, 20.0)
     # Weight of the RAG loss of a question whose answer is in none of its k passages (0: learn only from questions
     # the retrieved passages can answer; the generator then cannot learn to guess without support).
-    unanswerable_weight: float = 1.0
+    unanswerable_weight: float = within(0, None, 1.0)
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False
     seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    eval_every: int = 100
+    log_every: int = within(1, None, 10)
+    checkpoint_every: int = within(1, None, 100)
+    keep_checkpoints: int = within(1, None, 2)
+    eval_every: int = within(1, None, 100)
     tracker: Literal["csv", "tensorboard", "none"] = "csv"

@@ -132,3 +132,10 @@ def score_answer(prediction: str, golds: Iterable[str], patterns: bool = False) 
         return {"em": em, "f1": em, "bleu1": em, "rouge_l": em}
     return {"em": exact_match(prediction, golds), "f1": f1_score(prediction, golds),
             "bleu1": bleu1(prediction, golds), "rouge_l": rouge_l(prediction, golds)}
+
+
+def example_scores(prediction: str, passage_texts: list[str], example, k: int) -> dict:
+    """The scores of one answer to a QA example (rag.qa_data.QAExample): exact match, F1, BLEU-1, ROUGE-L and
+    answer-recall@k of the passages it came from (None without passages). Shared by eval and training."""
+    recall = recall_at_k(passage_texts, example.answers, k, example.patterns) if passage_texts else None
+    return {**score_answer(prediction, example.answers, example.patterns), f"recall@{k}": recall}

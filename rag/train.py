@@ -102,21 +102,19 @@ def data_rows(entry: str) -> tuple[str, slice]:
 
 
 def evaluate(pipe, examples) -> dict:
-    """Exact match, F1 and retrieval answer-recall@k on dev examples, in the pipeline's mode and k."""
-    from rag.metrics import recall_at_k, score_answer
+    """Exact match, F1 and retrieval answer-recall@k on dev examples, in the pipeline's mode and k (the scores
+    eval.qa reports, rag.metrics.example_scores)."""
+    from rag.metrics import example_scores
 
-    n_docs = pipe.cfg.n_docs
-    em = f1 = rec = 0.0
+    k = pipe.cfg.n_docs
+    rows = []
     for s in range(0, len(examples), 8):
         chunk = examples[s : s + 8]
-        answers = pipe.answer_batch([e.question for e in chunk])
-        for e, a in zip(chunk, answers, strict=True):
-            scores = score_answer(a.text, e.answers, e.patterns)
-            em += scores["em"]
-            f1 += scores["f1"]
-            rec += recall_at_k([p.text for p in a.passages], e.answers, n_docs, e.patterns)
-    n = max(1, len(examples))
-    return {"exact_match": em / n, "f1": f1 / n, f"recall@{n_docs}": rec / n}
+        for e, a in zip(chunk, pipe.answer_batch([e.question for e in chunk]), strict=True):
+            rows.append(example_scores(a.text, [p.text for p in a.passages], e, k))
+    n = max(1, len(rows))
+    return {"exact_match": sum(r["em"] for r in rows) / n, "f1": sum(r["f1"] for r in rows) / n,
+            f"recall@{k}": sum(r[f"recall@{k}"] or 0.0 for r in rows) / n}
 
 
 def _checkpoints(out: Path) -> list[Path]:
