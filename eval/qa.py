@@ -114,9 +114,9 @@ def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
 
 
 def _concat(pipe, questions: list[str], n_docs: int, decoding: dict):
-    from rag.passages import Passage
+    from rag.passages import PassageRecord
 
-    joined = [[Passage(id="+".join(h.id for h in hits), doc_id="", title=hits[0].title,
+    joined = [[PassageRecord(id="+".join(h.id for h in hits), doc_id="", title=hits[0].title,
                        text="\n\n".join(f"{h.title}: {h.text}" for h in hits))]
               for hits in pipe.retrieve(questions, n_docs)]
     return pipe.answer_batch(questions, mode="token", decoding=decoding or None, passages=joined,

@@ -33,7 +33,7 @@ from index_builder.build import (
 from rag.config import BuildConfig, save_config
 from rag.files import save_npy, writing
 from rag.index_folder import STORE_FILE, IndexFolder
-from rag.passages import Passage
+from rag.passages import PassageRecord
 from rag.store import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def _passages_and_shards(out: Path, cfg: BuildConfig, progress: bool) -> tuple[i
                 if not np.isfinite(vecs).all():
                     raise BuildError(f"{cfg.corpus.path}: NaN or infinite values in the vectors of rows "
                                      f"{count}-{count + len(vecs) - 1}")
-                rows = [Passage(str(i), str(i), t or "", x or "") for i, t, x in zip(ids, titles, texts, strict=True)]
+                rows = [PassageRecord(str(i), str(i), t or "", x or "")
+                        for i, t, x in zip(ids, titles, texts, strict=True)]
                 writer.add(rows)
                 pending_vecs.append(vecs)
                 count += len(rows)

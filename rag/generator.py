@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rag.config import GeneratorConfig
-from rag.passages import Passage
+from rag.passages import PassageRecord
 from rag.precision import Placed
 
 log = logging.getLogger(__name__)
@@ -240,12 +240,12 @@ class Seq2SeqGenerator(Generator):
         self.start_id = int(model.config.decoder_start_token_id if model.config.decoder_start_token_id is not None
                             else self.pad_id)
 
-    def context_texts(self, questions: list[str], passages: list[list[Passage | None]]) -> list[str]:
+    def context_texts(self, questions: list[str], passages: list[list[PassageRecord | None]]) -> list[str]:
         prefix = getattr(self.model.config, "prefix", None) or ""
         return [(prefix + (q if p is None else _clean_title(p.title) + " / " + p.text + " // " + q)).replace("  ", " ")
                 for q, ps in zip(questions, passages, strict=True) for p in ps]  # None: the question alone
 
-    def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
+    def prepare(self, questions: list[str], passages: list[list[PassageRecord | None]]) -> Contexts:
         questions = self.clip_questions(questions)
         enc = self.tokenizer(self.context_texts(questions, passages), max_length=self.cfg.max_context_length,
                              truncation=True, padding=True, return_tensors="pt").to(self.device)
@@ -361,7 +361,7 @@ class CausalGenerator(Generator):
         """The passage text up to `max_context_length` tokens, ending where a word ends (see `cut`)."""
         return self.cut(text, self.cfg.max_context_length)
 
-    def prompt(self, question: str, passage: Passage | None) -> str:
+    def prompt(self, question: str, passage: PassageRecord | None) -> str:
         if passage is None:
             user = self.cfg.closed_book_template.format(question=question)
         else:
@@ -374,7 +374,7 @@ class CausalGenerator(Generator):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
             self.cfg.answer_prefix
 
-    def prepare(self, questions: list[str], passages: list[list[Passage | None]]) -> Contexts:
+    def prepare(self, questions: list[str], passages: list[list[PassageRecord | None]]) -> Contexts:
         questions = self.clip_questions(questions)
         texts = [self.prompt(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
         ids = [self.tokenizer(t, add_special_tokens=not self.use_chat)["input_ids"] for t in texts]

@@ -15,7 +15,7 @@ import numpy as np
 from rag.config import IndexConfig
 from rag.index_folder import IndexFolder, IndexFolderError
 from rag.index_kinds import augment, kind_of, max_norm2  # noqa: F401 - importable from here (build, update)
-from rag.passages import Passage
+from rag.passages import PassageRecord
 from rag.store import PassageStore, SegmentedVectors
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class DenseIndex:
                 texts = [t for t, k in zip(texts, keep, strict=True) if k]
             yield texts
 
-    def passages(self, ids) -> list[Passage | None]:
+    def passages(self, ids) -> list[PassageRecord | None]:
         """Passages (id, doc_id, title, text) at row positions; None for -1."""
         return self.store.rows(ids)
 

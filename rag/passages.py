@@ -30,7 +30,7 @@ class Document:
 
 
 @dataclass(frozen=True)
-class Passage:
+class PassageRecord:
     id: str
     doc_id: str
     title: str
@@ -298,7 +298,7 @@ def _sentence_windows(sentences: list[list[str]], words: int, stride: int) -> li
 
 def split_document(
     doc: Document, cfg: PassageConfig, sentences: Callable[[str], list[str]] | None = None
-) -> list[Passage]:
+) -> list[PassageRecord]:
     """Cut a document into passages of `cfg.words` words; ids are `{doc_id}#{n}`, stable for a corpus and config."""
     if cfg.words < 1 or not 1 <= cfg.stride <= cfg.words:
         raise ConfigError(f"passages: need words >= 1 and 1 <= stride <= words, got {cfg.words}, {cfg.stride}")
@@ -308,10 +308,12 @@ def split_document(
     else:
         tokens = doc.text.split()
         chunks = [" ".join(tokens[a:b]) for a, b in _windows(len(tokens), cfg.words, cfg.stride)]
-    return [Passage(id=f"{doc.id}#{n}", doc_id=doc.id, title=doc.title, text=c) for n, c in enumerate(chunks) if c]
+    return [PassageRecord(id=f"{doc.id}#{n}", doc_id=doc.id, title=doc.title, text=c)
+            for n, c in enumerate(chunks) if c]
 
 
-def iter_passages(corpus: CorpusConfig, cfg: PassageConfig, report: ReadReport | None = None) -> Iterator[Passage]:
+def iter_passages(corpus: CorpusConfig, cfg: PassageConfig,
+                  report: ReadReport | None = None) -> Iterator[PassageRecord]:
     """Stream the passages of a corpus in a stable order."""
     report = report if report is not None else ReadReport()
     splitter = sentence_splitter(cfg.language) if cfg.sentence_boundaries else None

@@ -349,16 +349,16 @@ def _given_passages(passages: list[list], device) -> Retrieved:
     """Passages chosen by the caller as a retrieval result with equal doc scores (a uniform prior)."""
     import numpy as np
 
-    from rag.passages import Passage as Given
+    from rag.passages import PassageRecord
 
     if not all(isinstance(ps, (list, tuple)) for ps in passages):
         raise BadType("passages must be one list per question")
     widths = {len(ps) for ps in passages}
     if len(widths) != 1 or 0 in widths:
         raise BadInput("every question needs the same, non-zero number of passages")
-    wrong = next((p for ps in passages for p in ps if p is not None and not isinstance(p, Given)), None)
+    wrong = next((p for ps in passages for p in ps if p is not None and not isinstance(p, PassageRecord)), None)
     if wrong is not None:
-        raise BadType(f"a given passage must be a rag.passages.Passage(id, doc_id, title, text) or None "
+        raise BadType(f"a given passage must be a rag.passages.PassageRecord(id, doc_id, title, text) or None "
                       f"(closed-book), got {type(wrong).__name__}")
     k = widths.pop()
     return Retrieved(np.full((len(passages), k), -1), torch.zeros(len(passages), k, device=device),

@@ -15,7 +15,7 @@ from rag.encoders import Encoder
 from rag.errors import BadInput, BadType, RagError
 from rag.fusion import fuse, in_dense_units
 from rag.index import DenseIndex
-from rag.passages import Passage
+from rag.passages import PassageRecord
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Retrieved:
     ids: np.ndarray  # (B, K) row positions in the index
     doc_scores: torch.Tensor  # (B, K) d(z)ᵀq(x) (or the BM25 / fused score), differentiable in BERT_q if dense
-    passages: list[list[Passage]]  # (B, K)
+    passages: list[list[PassageRecord]]  # (B, K)
     ranks: np.ndarray | None = None  # (B, K, 2) 1-based rank on the dense and the BM25 side; 0: not found there
     # (B, K) d(z)ᵀq(x) of these passages, differentiable in BERT_q (None with retrieval bm25): what distant
     # supervision trains BERT_q on, whichever side found the passages (hybrid: BM25's hard negatives)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rag.passages import Passage
+from rag.passages import PassageRecord
 
 SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
@@ -21,10 +21,10 @@ class StoreWriter:
         self.batch_rows = batch_rows
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_file(self._sink, SCHEMA)
-        self._rows: list[Passage] = []
+        self._rows: list[PassageRecord] = []
         self.count = 0
 
-    def add(self, passages: Iterable[Passage]) -> None:
+    def add(self, passages: Iterable[PassageRecord]) -> None:
         for p in passages:
             self._rows.append(p)
             if len(self._rows) >= self.batch_rows:
@@ -73,13 +73,13 @@ class PassageStore:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def rows(self, positions: Sequence[int] | np.ndarray) -> list[Passage | None]:
+    def rows(self, positions: Sequence[int] | np.ndarray) -> list[PassageRecord | None]:
         """Passages at the given row positions; a negative position (a missing hit) gives None."""
         positions = np.asarray(positions, dtype=np.int64).ravel()
         valid = positions >= 0
         got = self.table.take(pa.array(positions[valid])).to_pylist()
         it = iter(got)
-        return [Passage(**next(it)) if ok else None for ok in valid]
+        return [PassageRecord(**next(it)) if ok else None for ok in valid]
 
     def column(self, name: str, start: int = 0, stop: int | None = None) -> list:
         stop = len(self) if stop is None else stop

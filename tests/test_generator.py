@@ -3,10 +3,10 @@ import torch
 
 from rag.config import GeneratorConfig
 from rag.generator import CausalGenerator, Seq2SeqGenerator, load_generator
-from rag.passages import Passage
+from rag.passages import PassageRecord
 
-P = [Passage("a#0", "a", "Paris", "Paris is the capital of France."),
-     Passage("b#0", "b", "London", "London is the capital of England and a much longer passage about the river.")]
+P = [PassageRecord("a#0", "a", "Paris", "Paris is the capital of France."),
+     PassageRecord("b#0", "b", "London", "London is the capital of England and a much longer passage about the river.")]
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
@@ -82,10 +82,10 @@ def test_a_huge_question_reaches_the_generator_bounded(tiny_lms, kind, caplog):
 
     from rag.config import GeneratorConfig
     from rag.generator import load_generator
-    from rag.passages import Passage
+    from rag.passages import PassageRecord
 
     gen = load_generator(GeneratorConfig(name=str(tiny_lms[kind]), max_context_length=20, max_question_length=12))
-    passage = Passage(id="p", doc_id="p", title="paris", text="paris is the capital of france " * 10)
+    passage = PassageRecord(id="p", doc_id="p", title="paris", text="paris is the capital of france " * 10)
     short = gen.prepare(["capital of france"], [[passage]]).input_ids.shape[1]
     with caplog.at_level(logging.WARNING):
         huge = gen.prepare(["the capital of france and the seine river " * 625], [[passage]])
@@ -130,7 +130,7 @@ def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkey
     from rag.generator import length_groups
 
     monkeypatch.setattr("rag.generator.GROUP_ROWS", 1)
-    long = Passage("c#0", "c", "Rivers", " ".join(["The Seine and the Thames are rivers."] * 6))
+    long = PassageRecord("c#0", "c", "Rivers", " ".join(["The Seine and the Thames are rivers."] * 6))
     ctx = gen.prepare(["which river ?", "what ?"], [[P[0], long], [P[1], P[0]]])
     lengths = ctx.attention_mask.sum(1)
     assert len(length_groups(lengths, min_rows=1)) > 1

@@ -73,7 +73,7 @@ def test_bad_input(pipe, caplog):
     assert "truncated" in caplog.text
     with pytest.raises(ValueError, match="no questions"):
         pipe.retrieve([])
-    with pytest.raises(TypeError, match="must be a rag.passages.Passage"):
+    with pytest.raises(TypeError, match="must be a rag.passages.PassageRecord"):
         pipe.answer_batch(["capital"], passages=[["text"]])
     with pytest.raises(TypeError, match="one list per question"):
         pipe.answer_batch(["capital"], passages=["text"])

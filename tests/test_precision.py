@@ -90,13 +90,13 @@ def test_greedy_tokens_agree_where_the_margins_are_wide(tiny_lms):
     from rag.config import DecodingConfig, GeneratorConfig
     from rag.generator import load_generator
     from rag.marginal import doc_logprobs
-    from rag.passages import Passage
+    from rag.passages import PassageRecord
 
     torch.manual_seed(0)
     gen = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), max_target_length=8))
     questions = ["capital of france", "who wrote the novel", "the moon rocket"]
     answers = ["paris", "austen wrote it", "apollo"]
-    passages = [[Passage(id=f"{i}", doc_id=f"{i}", title=a, text=f"{q} : {a} is the answer") for i in range(2)]
+    passages = [[PassageRecord(id=f"{i}", doc_id=f"{i}", title=a, text=f"{q} : {a} is the answer") for i in range(2)]
                 for q, a in zip(questions, answers, strict=True)]
     K = 2
     targets, mask = gen.target_ids(answers)  # (B, T)
