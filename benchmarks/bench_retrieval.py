@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=500, help="NQ-open dev questions evaluated (the first N)")
     ap.add_argument("--tune", type=int, default=300, help="questions of each tuning set for choosing the fusion")
+    ap.add_argument("--updates", type=int, default=0, metavar="N",
+                    help="also time N rounds of `index_builder update` (100 documents replaced, 50 deleted) on the "
+                         "index with and without its BM25 part, in turn, and skip the retrieval table")
     ap.add_argument("--fusion", nargs="*", default=None, metavar="KEY=VALUE",
                     help="skip the tuning and use this fusion (e.g. fusion.method=sum fusion.bm25_weight=0.2)")
     ap.add_argument("--answers", type=int, default=0, help="also exact match over the first N of each set")
@@ -74,12 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = tmp / "demo"
         shutil.copytree(default.index_folder, index)
+        if args.updates:
+            shutil.copytree(default.index_folder, tmp / "dense-only")
         del default
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "index_builder", "update", "--index", str(index), "--set",
                         "sparse.kind=bm25", "--quiet"], check=True)
         print(f"BM25 part added to the demo index by `index_builder update` in {time.perf_counter() - t:.1f} s "
               "(the process, models and all)")
+        if args.updates:
+            time_updates(tmp, {"dense only": tmp / "dense-only", "dense + BM25": index}, args.updates)
+            return 0
         sets = {"NQ-open dev": read_qa(NQ_DEV)[: args.limit], "WebQuestions val": read_qa(WQ)}
         tune = read_qa(NQ_DEV)[args.limit : args.limit + args.tune] + read_qa(WQ_TRAIN)[: args.tune]
         base = RagPipeline.load(None, (f"index={index}",))
@@ -114,6 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def time_updates(tmp: Path, folders: dict[str, Path], rounds: int) -> None:
+    """Seconds of one `index_builder update` process (100 documents replaced with edited text, 50 deleted) per
+    folder, the folders in turn each round: what keeping BM25 in step costs."""
+    from rag.config import CorpusConfig
+    from rag.passages import read_corpus
+
+    docs = list(read_corpus(CorpusConfig(format="demo")))
+    times = {name: [] for name in folders}
+    for r in range(rounds):
+        chosen = docs[r * 150 : r * 150 + 150]
+        replace = tmp / f"replace{r}.jsonl"
+        replace.write_text("".join(json.dumps({"id": d.id, "title": d.title, "text": d.text + " (edited)"}) + "\n"
+                                   for d in chosen[:100]))
+        (tmp / f"delete{r}.txt").write_text("".join(d.id + "\n" for d in chosen[100:]))
+        for name, folder in folders.items():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "index_builder", "update", "--index", str(folder), "--replace",
+                            str(replace), "--delete", str(tmp / f"delete{r}.txt"), "--quiet"], check=True,
+                           capture_output=True)
+            times[name].append(time.perf_counter() - t)
+    base = sorted(times["dense only"])[len(times["dense only"]) // 2]
+    for name, ts in times.items():
+        median = sorted(ts)[len(ts) // 2]
+        print(f"update, {name}: median {median:.2f} s of {rounds} (min {min(ts):.2f}, max {max(ts):.2f}); "
+              f"{median / base:.2f}x dense only")
 
 
 def choose_fusion(index: Path, tune, flags) -> tuple[str, ...]:
