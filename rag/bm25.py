@@ -53,12 +53,13 @@ def stemmer(language: str):
     return Stemmer.Stemmer(language)
 
 
-def tokenize(texts: list[str], record: dict, as_ids: bool):
+def tokenize(texts: list[str], record: dict, stem, as_ids: bool):
+    """bm25s tokens of `texts` under the record's stopwords and the stemmer `stem` (of the record's language)."""
     import bm25s
 
     stop = record["stopwords"]
-    return bm25s.tokenize(texts, lower=True, stopwords=None if stop == "none" else stop,
-                          stemmer=stemmer(record["language"]), return_ids=as_ids, show_progress=False)
+    return bm25s.tokenize(texts, lower=True, stopwords=None if stop == "none" else stop, stemmer=stem,
+                          return_ids=as_ids, show_progress=False)
 
 
 def passage_texts(titles: list[str], texts: list[str]) -> list[str]:
@@ -72,9 +73,9 @@ def build(where: IndexFolder, generation: int, titles: list[str], texts: list[st
     import bm25s
 
     record = {"kind": "bm25", **asdict(cfg)}
-    stemmer(cfg.language)  # an unknown language fails before any work
+    stem = stemmer(cfg.language)  # an unknown language fails before any work
     retriever = bm25s.BM25(k1=cfg.k1, b=cfg.b)
-    retriever.index(tokenize(passage_texts(titles, texts), record, as_ids=True), show_progress=progress)
+    retriever.index(tokenize(passage_texts(titles, texts), record, stem, as_ids=True), show_progress=progress)
     names = file_names(generation)
     # bm25s writes by path: into a fresh folder of our own, then each file renamed into place (a link planted under
     # one of these names is replaced, never written through)
@@ -103,6 +104,7 @@ class Bm25Part:
 
     def __init__(self, retriever, record: dict, deleted: np.ndarray):
         self.retriever, self.record = retriever, record
+        self.stem = stemmer(record["language"])  # once per loaded part, not per search
         self.live = np.ones(record["rows"], dtype=np.float32)  # bm25s' weight mask: 0 drops a passage
         self.live[deleted] = 0.0
 
@@ -126,7 +128,7 @@ class Bm25Part:
         if k <= 0:
             empty = np.zeros((len(questions), 0))
             return empty.astype(np.int64), empty.astype(np.float32)
-        tokens = tokenize(questions, self.record, as_ids=False)
+        tokens = tokenize(questions, self.record, self.stem, as_ids=False)
         ids, scores = self.retriever.retrieve(tokens, k=k, weight_mask=self.live, show_progress=False)
         ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)  # (Q, k)
         miss = scores <= 0  # no query term in the passage: not a hit
