@@ -126,10 +126,11 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         if passages:
             segment, index, index_settings = _add_segment(where, current, cfg, passages, index, report, progress)
             segments.append(segment)
-        sparse = manifest.get("sparse") or (asdict(cfg.sparse) if adds_bm25 else None)
-        if sparse:  # BM25 in step with the dense part: rebuilt over this generation's rows
+        sparse = manifest.get("sparse")
+        if adds_bm25 or (sparse and passages):  # BM25 in step with the dense part, over this generation's rows
             store = PassageStore([where.file(seg["store"]) for seg in segments])
-            sparse = build_sparse(where, report.generation, store, bm25.config_of(sparse))
+            sparse = build_sparse(where, report.generation, store, cfg.sparse if adds_bm25 else bm25.config_of(sparse))
+        # no new rows: the part's files stay as they are; deleted rows are masked at load, as in FAISS
         new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, sparse,
                                          report, t0)
         if _before_switch is not None:
@@ -256,8 +257,7 @@ def compact(folder: str | Path, retrain: bool = False, progress: bool = True, in
             vectors = open_npy(tmp, current.vectors.dtype, (len(keep), current.dim))
             for s in range(0, len(keep), 50_000):
                 vectors[s : s + 50_000] = current.vectors[keep[s : s + 50_000]]
-            vectors.flush()
-        vectors = np.load(where.file(vec_name), mmap_mode="r")
+            vectors.flush()  # the map stays valid after the rename
         cfg = IndexConfig(**{**asdict(current.cfg), **(index or {})})
         if kind_of(cfg).keeps_training and not retrain and not index:
             index = faiss.read_index(str(where.file(where.layout(manifest)["index_file"])))

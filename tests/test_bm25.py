@@ -216,3 +216,13 @@ def test_a_reader_loading_in_a_loop_never_sees_parts_out_of_step(built, tmp_path
         thread.join(timeout=60)
     assert not errors, errors[:3]
     assert len(seen) >= 2
+
+
+def test_a_delete_only_update_keeps_the_bm25_files_and_masks_the_rows(built, tmp_path):
+    before = DenseIndex.load(built).manifest["sparse"]["files"]
+    (tmp_path / "del.txt").write_text("paris\n")
+    update(built, delete=str(tmp_path / "del.txt"), progress=False)
+    index = DenseIndex.load(built, verify=True)
+    assert index.manifest["sparse"]["files"] == before  # no new rows: nothing to rebuild
+    ids, _ = index.bm25.search(["paris france capital"], 5)
+    assert not any(i and i.startswith("paris#") for i in ids_of(index, ids)[0])
