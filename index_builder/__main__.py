@@ -125,8 +125,7 @@ def _run(args) -> int:
         print(f"index ready: {out} ({m['count']} passages, dim {m['dim']}, {m['index']['factory']}; vectors "
               f"imported, encoder {m['encoder']['name']})")
     elif args.command == "update":
-        adds_part = any(s.replace(" ", "") == "sparse.kind=bm25" for s in args.set)
-        if not (args.add or args.replace or args.delete or adds_part):
+        if not (args.add or args.replace or args.delete or args.set):  # update itself says when nothing changes
             print("error: give at least one of --add, --replace, --delete (or --set sparse.kind=bm25 to add a BM25 "
                   "part)", file=sys.stderr)
             return 2

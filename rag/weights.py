@@ -105,7 +105,10 @@ def loading(key: str, name: str):
     ConfigError that says which and what to do."""
     from rag.config import ConfigError
 
-    refuse_pickle(Path(resolve(name)), key)
+    # the folder a config names (someone else's, perhaps); a package's own folder is code installed like any other
+    # (a hub snapshot may carry pytorch_model.bin beside model.safetensors, which transformers prefers); and the
+    # name is not resolved a second time
+    refuse_pickle(Path(name).expanduser(), key)
     try:
         with quiet_bars():
             yield
