@@ -202,12 +202,14 @@ class IndexFolder:
             if not path.is_file():
                 raise IndexFolderError(f"{path} is missing or not a regular file (listed in {self.manifest_path}); "
                                        "rebuild with --overwrite")
+            if not isinstance(entry, dict):
+                raise IndexFolderError(f"{self.manifest_path}: entry {name!r} is not a record of size and sha256; "
+                                       "the manifest is damaged or crafted, rebuild the index")
             size = path.lstat().st_size
-            listed = entry.get("bytes") if isinstance(entry, dict) else entry
-            if size != listed:
-                raise IndexFolderError(f"{path}: size {size} differs from the manifest's {listed!r}; "
+            if size != entry.get("bytes"):
+                raise IndexFolderError(f"{path}: size {size} differs from the manifest's {entry.get('bytes')!r}; "
                                        "the file is damaged, rebuild with --overwrite")
-            if verify and sha256_file(path) != entry["sha256"]:
+            if verify and sha256_file(path) != entry.get("sha256"):
                 raise IndexFolderError(f"{path}: checksum differs from the manifest's; the file is damaged")
 
     def check_encoder(self, manifest: dict, asked: dict, same_weights: bool = False) -> None:
