@@ -20,18 +20,21 @@ import numpy as np
 from rag.config import BuildConfig, save_config
 from rag.encoders import encoder_record
 from rag.errors import RagError
-from rag.files import open_npy, parse_json, save_npy, write_faiss, write_json_atomic, writing
+from rag.files import NpyRows, open_npy, parse_json, save_npy, write_faiss, write_json_atomic, writing
 from rag.index import build_faiss, factory_string
 from rag.index_folder import (
+    FILLED_FILE,
     INDEX_FILE,
     MANIFEST,
     SHARDS,
     STATE_FILE,
     STORE_FILE,
+    TRAINED_FILE,
     VECTORS_FILE,
     IndexFolder,
     refuse_link,
 )
+from rag.index_kinds import Checkpoints
 from rag.passages import ReadReport, iter_passages
 from rag.precision import name_of
 from rag.store import PassageStore, StoreWriter
@@ -49,6 +52,11 @@ class BuildError(RagError):
     pass
 
 
+# Keys added after folders were built, at their default: left out of the identity, so that an older folder (whose
+# identity lacks them) still matches a config that leaves them at the default.
+LATER_KEYS = {"index": {"coarse": "flat"}}
+
+
 def identity(cfg: BuildConfig) -> dict:
     """The parts of a config that decide an index's contents (compared when resuming)."""
     d = asdict(cfg)
@@ -56,6 +64,10 @@ def identity(cfg: BuildConfig) -> dict:
     for section, keys in RUNTIME_KEYS.items():
         for k in keys:
             d[section].pop(k, None)
+    for section, defaults in LATER_KEYS.items():
+        for k, default in defaults.items():
+            if d[section].get(k) == default:
+                d[section].pop(k)
     return d
 
 
@@ -148,7 +160,7 @@ def _check_same_corpus(out: Path, cfg: BuildConfig, state: dict, how: str) -> No
     if saved == now:
         return
     shards = out / SHARDS
-    started = bool(state.get("stages")) or (shards.is_dir() and any(shards.iterdir()))
+    started = bool(state.get("stages") or state.get("progress")) or (shards.is_dir() and any(shards.iterdir()))
     if saved is not None and started:
         sources = " and ".join(str(p) for p in (cfg.corpus.path, cfg.corpus.vectors) if p)
         raise BuildError(f"{sources} changed since the build in {out} started ({saved} then, {now} now); {how} to "
@@ -327,14 +339,58 @@ def build_sparse(folder: IndexFolder, generation: int, store: PassageStore, cfg)
     return bm25.build(folder, generation, store.column("title"), store.column("text"), cfg)
 
 
+class FolderCheckpoints(Checkpoints):
+    """The index stage's progress in the build folder: the trained index (TRAINED_FILE), then the filled one
+    (FILLED_FILE) every `every` rows, each recorded in build.json once its file is whole."""
+
+    def __init__(self, out: Path, state: dict, every: int):
+        self.out, self.state, self.every = out, state, every
+        self.progress = state.setdefault("progress", {})
+
+    def resume(self):
+        import faiss
+
+        for name, key in ((FILLED_FILE, "filled_rows"), (TRAINED_FILE, "trained")):
+            if key in self.progress and (self.out / name).is_file():
+                refuse_link(self.out / name)
+                log.info("resuming the index of %s from %s", self.out, name)
+                rows = self.progress[key] if key == "filled_rows" else 0
+                return faiss.read_index(str(self.out / name)), self.progress.get("mips_norm2"), rows
+        return None, None, 0
+
+    def trained(self, index, norm2, seconds: float) -> None:
+        write_faiss(index, self.out / TRAINED_FILE)
+        self.progress.update(trained=True, mips_norm2=norm2, train_seconds=seconds)
+        save_state(self.out, self.state)
+
+    def due(self, rows: int, total: int) -> bool:
+        return rows < total and rows // self.every > (self.progress.get("filled_rows", 0)) // self.every
+
+    def filled(self, index, norm2, rows: int) -> None:
+        write_faiss(index, self.out / FILLED_FILE)
+        self.progress["filled_rows"] = rows
+        save_state(self.out, self.state)
+
+    def done(self) -> None:
+        for name in (TRAINED_FILE, FILLED_FILE):
+            (self.out / name).unlink(missing_ok=True)
+        self.state.pop("progress", None)
+
+
+CHECKPOINT_ROWS = 2_000_000  # the index is saved after every this many rows added: a kill loses minutes, not hours
+
+
 def finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
-    vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
+    vectors = NpyRows(out / VECTORS_FILE)  # read in chunks, never mapped whole into the resident set
     count, dim = vectors.shape
     if "index" not in state["stages"]:
         t = time.perf_counter()
-        index, extra = build_faiss(vectors, cfg.index, progress)
+        saved = FolderCheckpoints(out, state, CHECKPOINT_ROWS)
+        index, extra = build_faiss(vectors, cfg.index, progress, saved)
         write_faiss(index, out / INDEX_FILE)
-        state["stages"]["index"] = {"seconds": time.perf_counter() - t, **extra}
+        train = saved.progress.get("train_seconds")
+        saved.done()
+        state["stages"]["index"] = {"seconds": time.perf_counter() - t, "train_seconds": train, **extra}
         save_state(out, state)
     folder = IndexFolder(out)
     if cfg.sparse.kind == "bm25" and "sparse" not in state["stages"]:
@@ -351,6 +407,7 @@ def finish(out: Path, cfg: BuildConfig, state: dict, progress: bool) -> None:
         passages=asdict(cfg.passages), corpus=asdict(cfg.corpus), identity=state["identity"],
         sparse=stages.get("sparse", {}).get("record"),
         build={**stages["passages"]["report"], "seconds": {k: round(v["seconds"], 2) for k, v in stages.items()},
-               "precision": stages["vectors"].get("precision", "float32")},
+               "precision": stages["vectors"].get("precision", "float32"),
+               "index_training_seconds": stages["index"].get("train_seconds")},
     )
     folder.write_first(manifest)

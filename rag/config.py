@@ -100,6 +100,9 @@ class IndexConfig:
     ef_construction: int = within(1, None, 80)
     ef_search: int = within(1, None, 128)
     nlist: int = within(1, None, 1024)
+    # ivfpq: how a vector finds its nlist cells: flat (exact, every centroid) or hnsw (a graph over the centroids;
+    # for the millions of passages where assignment dominates the build).
+    coarse: Literal["flat", "hnsw"] = "flat"
     pq_m: int = within(1, None, 64)
     nbits: int = within(1, 16, 8)
     nprobe: int = within(1, None, 32)

@@ -94,3 +94,69 @@ def write_json_atomic(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+
+
+def create_npy(path: Path, dtype, shape: tuple[int, ...]) -> None:
+    """An empty .npy of `shape` with its blocks allocated on disk (see `open_npy`), to be filled by `NpyRows`."""
+    del_map = open_npy(path, dtype, shape)
+    del del_map
+
+
+class NpyRows:
+    """Rows of a 2-d .npy read and written with plain file I/O, not a memory map: a pass over 32 GB of vectors
+    leaves them to the kernel's page cache instead of the process's resident set (the touched pages of a map count
+    as the process's memory). Reads take a slice or sorted row positions, as a memory map would."""
+
+    def __init__(self, path: Path, writable: bool = False):
+        import numpy as np
+
+        header = np.load(path, mmap_mode="r")
+        if header.ndim != 2:
+            raise ValueError(f"{path}: shape {header.shape}, not (rows, dim)")
+        self.path, self.shape, self.dtype, self.offset = Path(path), header.shape, header.dtype, header.offset
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        del header
+        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+            self.fd = None
+
+    def __getitem__(self, rows):
+        import numpy as np
+
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1:
+                raise IndexError("NpyRows reads contiguous slices only")
+            return self._read(start, max(start, stop))
+        rows = np.asarray(rows, np.int64)
+        return np.stack([self._read(int(i), int(i) + 1)[0] for i in rows]) if len(rows) else \
+            np.zeros((0, self.shape[1]), self.dtype)
+
+    def _read(self, start: int, stop: int):
+        import numpy as np
+
+        size = (stop - start) * self.row_bytes
+        data = os.pread(self.fd, size, self.offset + start * self.row_bytes)
+        if len(data) != size:
+            raise OSError(f"{self.path}: short read at row {start} (the file is truncated)")
+        return np.frombuffer(data, self.dtype).reshape(stop - start, self.shape[1])
+
+    def write(self, start: int, block) -> None:
+        """Rows start.. of the file from (n, dim) `block` (cast to the file's dtype)."""
+        import numpy as np
+
+        view = memoryview(np.ascontiguousarray(block, self.dtype)).cast("B")
+        offset = self.offset + start * self.row_bytes
+        while len(view):
+            wrote = os.pwrite(self.fd, view, offset)
+            view, offset = view[wrote:], offset + wrote
+
+    def sync(self) -> None:
+        os.fsync(self.fd)

@@ -14,7 +14,7 @@ import numpy as np
 
 from rag.config import IndexConfig
 from rag.index_folder import IndexFolder, IndexFolderError
-from rag.index_kinds import augment, kind_of, max_norm2  # noqa: F401 - importable from here (build, update)
+from rag.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
 from rag.passages import PassageRecord
 from rag.store import PassageStore, SegmentedVectors
 
@@ -34,9 +34,11 @@ def factory_string(cfg: IndexConfig) -> str:
     return kind_of(cfg).factory(cfg)
 
 
-def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True) -> tuple[faiss.Index, dict]:
-    """The FAISS index of `cfg`'s kind over (N, D) vectors, and what search needs (`mips_norm2`, see `augment`)."""
-    return kind_of(cfg).build(vectors, cfg, progress)
+def build_faiss(vectors: np.ndarray, cfg: IndexConfig, progress: bool = True,
+                saved: Checkpoints | None = None) -> tuple[faiss.Index, dict]:
+    """The FAISS index of `cfg`'s kind over (N, D) vectors, and what search needs (`mips_norm2`, see `augment`);
+    `saved` checkpoints a long build so that a rerun resumes it."""
+    return kind_of(cfg).build(vectors, cfg, progress, saved=saved)
 
 
 def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
@@ -108,9 +110,9 @@ class DenseIndex:
         if len(store) != count:
             raise IndexFolderError(f"{where.file(files['segments'][0]['store'])}: {len(store)} rows, "
                                    f"manifest says {count}")
-        # Memory-map the index codes (flat and HNSW storage) so that opening costs no resident memory.
+        # Memory-map the index codes (flat and HNSW storage, IVF lists) so that opening costs no private memory.
         path = where.file(files["index_file"])
-        index = _open(path, lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+        index = _open(path, lambda p: faiss.read_index(str(p), kind_of(cfg).io_flags()))
         norm2 = manifest["index"].get("mips_norm2")
         if index.ntotal != count or index.d != dim + (norm2 is not None):
             raise IndexFolderError(f"{path}: {index.ntotal} vectors of dimension {index.d}, "

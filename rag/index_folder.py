@@ -42,6 +42,10 @@ INDEX_FILE = "index.faiss"
 DELETED_FILE = "deleted.npy"
 STATE_FILE = "build.json"
 SHARDS = "shards"
+# A build's work in progress, resumed by a rerun: the imported vectors so far, the trained index, the filled one.
+VECTORS_PART = "vectors.partial.npy"
+TRAINED_FILE = "index.trained.faiss"
+FILLED_FILE = "index.partial.faiss"
 LOCK = ".update.lock"
 BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see docs/usage.md)"
 

@@ -32,6 +32,7 @@ from rag.errors import BadInput, BadType
 from rag.generator import load_generator
 from rag.index import DenseIndex
 from rag.index_folder import IndexFolder
+from rag.index_kinds import check_rerank
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.precision import name_of, resolve_device
@@ -128,6 +129,7 @@ class RagPipeline:
         device = resolve_device(cfg.device)
         folder = IndexFolder(cfg.index)
         index = DenseIndex.load(folder, **({"use_gpu": True} if cfg.faiss_gpu else {}))
+        check_rerank(cfg.n_docs, index.cfg, what="n_docs")  # before any weights load
         qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
         encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device), precision=weights))
         folder.check_encoder(index.manifest, encoder.identity())

@@ -127,7 +127,7 @@ def test_import_writes_nothing_through_planted_links(tmp_path, victim, monkeypat
                                           f"corpus.path={tmp_path / 'passages.jsonl'}",
                                           f"corpus.vectors={tmp_path / 'vectors.npy'}", "encoder.name=x"])
     out = tmp_path / "imported"
-    killed_at(monkeypatch, "index_builder.importer", "merge_shards", lambda: import_index(cfg, progress=False))
+    killed_at(monkeypatch, "index_builder.importer", "refuse_duplicate_ids", lambda: import_index(cfg, progress=False))
     for name in ("passages.arrow", "vectors.npy", "index.faiss", "config.yaml"):
         (out / name).unlink(missing_ok=True)
         (out / name).symlink_to(victim)

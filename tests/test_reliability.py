@@ -235,16 +235,18 @@ def test_a_resumed_import_rereads_a_fixed_source(tmp_path, monkeypatch):
     cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'out'}", "corpus.format=npy",
                                           f"corpus.path={tmp_path / 'passages.jsonl'}", f"corpus.vectors={vectors}",
                                           "encoder.name=x", "index.shard_size=10"])
-    imports = importlib.import_module("index_builder.importer")
-    real, written = imports._write_shard, []
+    from rag.files import NpyRows
 
-    def dies_after_three(out, i, vecs, cfg):
+    monkeypatch.setattr(importlib.import_module("index_builder.importer"), "BATCH", 10)
+    real, written = NpyRows.write, []
+
+    def dies_after_three(self, start, block):
         if len(written) == 3:
             raise KeyboardInterrupt
-        written.append(i)
-        real(out, i, vecs, cfg)
+        written.append(start)
+        real(self, start, block)
 
-    monkeypatch.setattr(imports, "_write_shard", dies_after_three)
+    monkeypatch.setattr(NpyRows, "write", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         import_index(cfg, progress=False)
     monkeypatch.undo()

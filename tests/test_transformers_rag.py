@@ -240,29 +240,38 @@ def test_a_config_naming_a_transformers_checkpoint(setup, imported, tmp_path, mo
     assert any((tmp_path / "cache" / "models").iterdir())
 
 
-def test_a_killed_import_keeps_its_shards(setup, tmp_path, monkeypatch):
+def test_a_killed_import_keeps_the_rows_it_wrote(setup, tmp_path, monkeypatch):
+    """Killed while writing vectors: the rerun writes only the rows after the last recorded block, straight into
+    the one vectors file (no shards, no merge), and the folder equals an uninterrupted import's."""
     import index_builder.importer as importer
     from rag.config import BuildConfig, load_config
+    from rag.files import NpyRows
     from rag.index import DenseIndex
 
-    cfg = load_config(BuildConfig, None, [f"output={tmp_path / 'idx'}", "corpus.format=hf_disk",
-                                          f"corpus.path={setup[1]}", "encoder.pooling=cls", "encoder.normalize=false",
-                                          "index.shard_size=5"])
+    def config(name):
+        return load_config(BuildConfig, None, [f"output={tmp_path / name}", "corpus.format=hf_disk",
+                                               f"corpus.path={setup[1]}", "encoder.pooling=cls",
+                                               "encoder.normalize=false", "index.shard_size=5"])
 
-    class Killed(Exception):
-        pass
+    monkeypatch.setattr(importer, "BATCH", 4)  # 12 rows in batches of 4: progress recorded after rows 8 and 12
+    real, writes = NpyRows.write, []
 
-    def killed(*args, **kwargs):
-        raise Killed
+    def write(self, start, block):
+        writes.append((start, len(block)))
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        real(self, start, block)
 
-    monkeypatch.setattr(importer, "merge_shards", killed)
-    with pytest.raises(Killed):
-        importer.import_index(cfg, progress=False)
+    monkeypatch.setattr(NpyRows, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        importer.import_index(config("idx"), progress=False)
+    assert not (tmp_path / "idx" / "shards").exists() and (tmp_path / "idx" / "vectors.partial.npy").is_file()
+    writes.clear()
+    importer.import_index(config("idx"), progress=False)
+    assert writes == [(8, 4)]  # rows 0-7 were written and recorded before the kill
     monkeypatch.undo()
-    shards = sorted((tmp_path / "idx" / "shards").glob("*.npy"))
-    assert len(shards) == 3
-    written = []
-    real = np.save
-    monkeypatch.setattr(np, "save", lambda f, *a, **k: (written.append(f), real(f, *a, **k)))
-    importer.import_index(cfg, progress=False)
-    assert not written and len(DenseIndex.load(tmp_path / "idx")) == 12  # no shard written again
+    importer.import_index(config("whole"), progress=False)
+    a, b = DenseIndex.load(tmp_path / "idx", verify=True), DenseIndex.load(tmp_path / "whole")
+    assert np.array_equal(np.asarray(a.vectors), np.asarray(b.vectors)) and len(a) == 12
+    q = np.asarray(b.vectors[:3], np.float32)
+    assert np.array_equal(a.search(q, 5).ids, b.search(q, 5).ids)
