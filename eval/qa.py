@@ -17,6 +17,9 @@ gold answer occurs somewhere in the index's passages.
 
 from __future__ import annotations
 
+import rag.program  # noqa: F401 - first: the program's process settings, before torch loads
+
+# isort: split
 import argparse
 import json
 import logging

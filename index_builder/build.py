@@ -54,7 +54,7 @@ class BuildError(RagError):
 
 # Keys added after folders were built, at their default: left out of the identity, so that an older folder (whose
 # identity lacks them) still matches a config that leaves them at the default.
-LATER_KEYS = {"index": {"coarse": "flat"}}
+LATER_KEYS = {"index": {"coarse": "flat"}, "encoder": {"query_prefix": "", "passage_prefix": ""}}
 
 
 def identity(cfg: BuildConfig) -> dict:

@@ -7,27 +7,15 @@
 
 from __future__ import annotations
 
-import os
-
-# OpenMP threads that spin while they wait hold a core another process needs (measured: docs/results.md, "Threads
-# on a shared machine"). Read by the OpenMP runtime when torch first loads, so it is set here, before any torch
-# import of this package; a user's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 __version__ = "0.1.0"
 __all__ = ["RagPipeline", "answer"]
-
-_default = None
 
 
 def answer(question: str, **kwargs):
     """Answer `question` with the embedded default pipeline (configs/rag/demo.yaml), loaded on first use."""
-    global _default
-    if _default is None:
-        from rag.first_use import load_pipeline
+    from rag.first_use import default_pipeline
 
-        _default = load_pipeline()
-    return _default.answer(question, **kwargs)
+    return default_pipeline().answer(question, **kwargs)
 
 
 def __getattr__(name: str):

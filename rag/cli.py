@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import rag.program  # noqa: F401 - first: the program's process settings, before torch loads
+
+# isort: split
 import argparse
 import json
 import logging

@@ -84,6 +84,10 @@ class EncoderConfig:
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How a passage title reaches the encoder: as the first segment of a pair (DPR), as a prefix, or not at all.
     title: Literal["pair", "prefix", "none"] = "pair"
+    # Text put before every question and every passage: e5's "query: " and "passage: " (an encoder trained with
+    # them retrieves worse without); recorded in the index manifest and checked like the pooling.
+    query_prefix: str = ""
+    passage_prefix: str = ""
     # Query encoder only: end each question with "?". NQ-open's questions have none; sentence encoders learnt on
     # questions that do (docs/results.md, "Retrieval levers").
     question_mark: bool = False

@@ -29,7 +29,7 @@ def encoder_record(cfg: EncoderConfig) -> dict:
     """What an index's manifest records of the encoder that made its vectors (the builder adds the weights'
     fingerprint and the dimension); a query encoder left unset in a RAG config is rebuilt from it."""
     return {"name": cfg.name, "pooling": cfg.pooling, "normalize": cfg.normalize, "max_length": cfg.max_length,
-            "title": cfg.title}
+            "title": cfg.title, "query_prefix": cfg.query_prefix, "passage_prefix": cfg.passage_prefix}
 
 
 class Encoder(Placed, nn.Module):
@@ -90,15 +90,19 @@ class Encoder(Placed, nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def _segments(self, texts: Sequence[str], titles: Sequence[str] | None):
-        if titles is None or self.cfg.title == "none":
-            return list(texts), None
-        if self.cfg.title == "prefix":
-            return [f"{t}. {x}" if t else x for t, x in zip(titles, texts, strict=True)], None
-        return list(titles), list(texts)
+    def _segments(self, texts: Sequence[str], titles: Sequence[str] | None, query: bool):
+        first, second = list(texts), None
+        if titles is not None and self.cfg.title == "prefix":
+            first = [f"{t}. {x}" if t else x for t, x in zip(titles, texts, strict=True)]
+        elif titles is not None and self.cfg.title == "pair":
+            first, second = list(titles), list(texts)
+        prefix = self.cfg.query_prefix if query else self.cfg.passage_prefix
+        return ([prefix + x for x in first] if prefix else first), second
 
-    def tokenize(self, texts: Sequence[str], titles: Sequence[str] | None = None, padding: bool = True) -> dict:
-        first, second = self._segments(texts, titles)
+    def tokenize(self, texts: Sequence[str], titles: Sequence[str] | None = None, padding: bool = True,
+                 query: bool = False) -> dict:
+        """Token ids of passages (with their titles as `cfg.title` says), or of questions with `query`."""
+        first, second = self._segments(texts, titles, query)
         return self.tokenizer(
             first,
             second,

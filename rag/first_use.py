@@ -6,6 +6,7 @@ and its progress and its resume after Ctrl-C are the builder's own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def load_pipeline(source: str | Path | RagConfig | None = None, overrides: tuple
     cfg = load_rag_config(source, tuple(overrides))
     ensure_index(cfg)
     return RagPipeline.load(cfg, trainable=trainable)
+
+
+@functools.cache
+def default_pipeline():
+    """The embedded default (configs/rag/demo.yaml), loaded once per process for `rag.answer`."""
+    return load_pipeline()
 
 
 def ensure_index(cfg: RagConfig) -> None:

@@ -52,7 +52,7 @@ BUILD_HINT = "build it with: python -m index_builder build --config CONFIG (see 
 # What identifies the encoder that made an index's vectors. A query encoder must agree on the first three (the
 # vector space); an update must also use the very same weights (the fingerprint), or old and new passages would not
 # be comparable.
-SPACE_KEYS = ("dim", "pooling", "normalize")
+SPACE_KEYS = ("dim", "pooling", "normalize", "query_prefix", "passage_prefix")
 WEIGHT_KEYS = ("fingerprint",)
 
 

@@ -74,12 +74,13 @@ class Retriever(nn.Module):
             questions = [q if q.rstrip().endswith("?") else q.rstrip() + "?" for q in questions]
         limit = self.encoder.max_length
         if not self._warned_long:
-            lengths = [len(x) for x in self.encoder.tokenizer(questions)["input_ids"]]
+            prefix = self.encoder.cfg.query_prefix
+            lengths = [len(x) for x in self.encoder.tokenizer([prefix + q for q in questions])["input_ids"]]
             if max(lengths) > limit:
                 log.warning("a question of %d tokens was truncated to the query encoder's limit of %d",
                             max(lengths), limit)
                 self._warned_long = True
-        enc = self.encoder.tokenize(questions)
+        enc = self.encoder.tokenize(questions, query=True)
         enc = {k: v.to(self.encoder.device) for k, v in enc.items()}
         q = self.encoder(**enc)
         if not torch.isfinite(q).all():

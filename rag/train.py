@@ -11,6 +11,9 @@ exactly where the last one stopped. The final model is written with `RagPipeline
 
 from __future__ import annotations
 
+import rag.program  # noqa: F401 - first: the program's process settings, before torch loads
+
+# isort: split
 import argparse
 import json
 import logging

