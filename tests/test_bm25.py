@@ -226,3 +226,25 @@ def test_a_delete_only_update_keeps_the_bm25_files_and_masks_the_rows(built, tmp
     assert index.manifest["sparse"]["files"] == before  # no new rows: nothing to rebuild
     ids, _ = index.bm25.search(["paris france capital"], 5)
     assert not any(i and i.startswith("paris#") for i in ids_of(index, ids)[0])
+
+
+@pytest.mark.parametrize("language, stopwords, docs, question", [
+    ("russian", "ru", ["Лев Толстой написал роман «Война и мир».", "Москва — столица России.",
+                       "Пётр Первый основал Санкт-Петербург."], "романы Толстого"),
+    ("polish", "none", ["Henryk Sienkiewicz napisał powieść Quo vadis.", "Warszawa jest stolicą Polski.",
+                        "Kopernik był astronomem z Torunia."], "powieści Sienkiewicza"),
+    ("portuguese", "pt", ["O Brasil é o maior país da América do Sul.", "Lima é a capital do Peru.",
+                          "Camões escreveu Os Lusíadas."], "os maiores países"),
+])
+def test_bm25_stems_russian_polish_and_portuguese(tmp_path, tiny_bert, language, stopwords, docs, question):
+    """PyStemmer's Snowball stemmers: an inflected question finds the passage only through its stems."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "title": "", "text": t}
+                                                    for i, t in enumerate(docs)])
+    folder = build(build_cfg(tmp_path, tiny_bert, corpus, "sparse.kind=bm25", f"sparse.language={language}",
+                             f"sparse.stopwords={stopwords}"), progress=False)
+    index = DenseIndex.load(folder)
+    rows, scores = index.bm25.search([question], 1)
+    assert index.passages(rows[0])[0].text == docs[0] and scores[0][0] > 0
+    unstemmed = build(build_cfg(tmp_path / "plain", tiny_bert, corpus, "sparse.kind=bm25", "sparse.language=none",
+                                f"sparse.stopwords={stopwords}"), progress=False)
+    assert DenseIndex.load(unstemmed).bm25.search([question], 1)[1][0][0] <= 0  # no word in common unstemmed
