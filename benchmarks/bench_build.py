@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPEN = """
 import json, sys, time, psutil
 import faiss, numpy, pyarrow  # the libraries, imported before the clock starts
-from rag.index import DenseIndex
+from rag.retrieval.index import DenseIndex
 proc = psutil.Process()
 before = proc.memory_info().rss
 t = time.perf_counter()

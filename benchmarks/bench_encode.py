@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import machine, matmul_gflops, table
 from rag.config import CorpusConfig, EncoderConfig, PassageConfig
-from rag.encoders import Encoder
-from rag.passages import iter_passages
+from rag.retrieval.encoders import Encoder
+from rag.retrieval.passages import iter_passages
 
 
 def naive_encode(encoder: Encoder, texts: list[str], titles: list[str]) -> np.ndarray:

@@ -15,10 +15,10 @@ import time
 import torch
 
 from benchmarks.common import machine, matmul_gflops, table
-from rag import decoding
 from rag.config import DecodingConfig, GeneratorConfig
-from rag.generator import Contexts, Seq2SeqGenerator
-from rag.marginal import doc_logprobs
+from rag.generation import decoding
+from rag.generation.generator import Contexts, Seq2SeqGenerator
+from rag.generation.marginal import doc_logprobs
 
 
 def bart_base(vocab: int = 50265, dropout: float = 0.1):

@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.common import machine, matmul_gflops, rss_mib, table
 from rag.config import IndexConfig
-from rag.index import DenseIndex, build_faiss, set_search_params
+from rag.retrieval.index import DenseIndex, build_faiss, set_search_params
 
 
 def mixture(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk: int = 50_000) -> np.ndarray:

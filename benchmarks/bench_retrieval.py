@@ -128,7 +128,7 @@ def time_updates(tmp: Path, folders: dict[str, Path], rounds: int) -> None:
     """Seconds of one `index_builder update` process (100 documents replaced with edited text, 50 deleted) per
     folder, the folders in turn each round: what keeping BM25 in step costs."""
     from rag.config import CorpusConfig
-    from rag.passages import read_corpus
+    from rag.retrieval.passages import read_corpus
 
     docs = list(read_corpus(CorpusConfig(format="demo")))
     times = {name: [] for name in folders}

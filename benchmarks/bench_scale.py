@@ -114,7 +114,7 @@ def memory() -> dict:
 
 def search_worker(folder: Path, work: Path, hold: bool) -> None:
     """Load the folder, search every setting, print one JSON line; with `hold`, stay loaded until stdin closes."""
-    from rag.index import DenseIndex
+    from rag.retrieval.index import DenseIndex
 
     queries, truth = np.load(work / "queries.npy"), np.load(work / "truth.npy")
     t = time.perf_counter()

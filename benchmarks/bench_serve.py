@@ -135,7 +135,7 @@ def swap(index, questions, seconds) -> dict:
         docs = [{"id": f"new-{i}", "title": f"Vexmoor {i}", "text": NEW_FACT.format(
             name=f"Zorblat Quinn{i}", town=f"Vexmoor{i}", river=f"Ulm{i}")} for i in range(100)]
         (work / "add.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-        from rag.index import DenseIndex
+        from rag.retrieval.index import DenseIndex
 
         old = DenseIndex.load(index)
         gone = sorted({d.split("#")[0] for d in old.store.column("id", 0, 500)})[:50]

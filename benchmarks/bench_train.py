@@ -61,9 +61,9 @@ def step_transformers(bart, qenc, data, mode):
 
 
 def step_ours(bart, qenc, data, mode, checkpointing=False):
-    from rag import marginal
     from rag.config import GeneratorConfig
-    from rag.generator import Contexts, Seq2SeqGenerator
+    from rag.generation import marginal
+    from rag.generation.generator import Contexts, Seq2SeqGenerator
     from tests.hf_rag import tiny_tokenizer
 
     gen = Seq2SeqGenerator(bart, tiny_tokenizer(), GeneratorConfig(name="bart-base-random", family="seq2seq"))

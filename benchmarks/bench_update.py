@@ -25,9 +25,9 @@ from benchmarks.common import machine, matmul_gflops, table
 from index_builder.build import build
 from index_builder.update import compact, update
 from rag.config import BuildConfig, CorpusConfig, EncoderConfig, load_config
-from rag.encoders import Encoder
-from rag.index import DenseIndex
-from rag.passages import read_corpus
+from rag.retrieval.encoders import Encoder
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.passages import read_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = {"hnsw": {"type": "hnsw", "hnsw_m": 32, "ef_construction": 80, "ef_search": 256},

@@ -117,7 +117,7 @@ def _ask(pipe, mode: str, examples, n_docs: int, decoding: dict) -> list[dict]:
 
 
 def _concat(pipe, questions: list[str], n_docs: int, decoding: dict):
-    from rag.passages import PassageRecord
+    from rag.retrieval.passages import PassageRecord
 
     joined = [[PassageRecord(id="+".join(h.id for h in hits), doc_id="", title=hits[0].title,
                        text="\n\n".join(f"{h.title}: {h.text}" for h in hits))]
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(ap, args) -> int:
-    from rag.passages import CorpusError
     from rag.qa_data import QAReport, read_qa
+    from rag.retrieval.passages import CorpusError
 
     for name in ("limit", "n_docs", "batch_size", "beams", "max_new_tokens"):
         value = getattr(args, name)

@@ -111,8 +111,8 @@ def _run(args) -> int:
     from index_builder.build import build
     from index_builder.update import compact, update
     from rag.config import BuildConfig, load_config, resolve_config_path
-    from rag.index import DenseIndex
-    from rag.index_folder import IndexFolder
+    from rag.retrieval.index import DenseIndex
+    from rag.retrieval.index_folder import IndexFolder
 
     if args.command == "build":
         cfg = load_config(BuildConfig, resolve_config_path(args.config) if args.config else None, args.set)

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from rag.config import BuildConfig, save_config
-from rag.encoders import encoder_record
 from rag.errors import RagError
 from rag.files import NpyRows, open_npy, parse_json, save_npy, write_faiss, write_json_atomic, writing
-from rag.index import build_faiss, factory_string
-from rag.index_folder import (
+from rag.precision import name_of
+from rag.retrieval.encoders import encoder_record
+from rag.retrieval.index import build_faiss, factory_string
+from rag.retrieval.index_folder import (
     FILLED_FILE,
     INDEX_FILE,
     MANIFEST,
@@ -34,10 +35,9 @@ from rag.index_folder import (
     IndexFolder,
     refuse_link,
 )
-from rag.index_kinds import Checkpoints
-from rag.passages import ReadReport, iter_passages
-from rag.precision import name_of
-from rag.store import PassageStore, StoreWriter
+from rag.retrieval.index_kinds import Checkpoints
+from rag.retrieval.passages import ReadReport, iter_passages
+from rag.retrieval.store import PassageStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def shard_path(out: Path, i: int) -> Path:
 def _encode_shards(out: Path, cfg: BuildConfig, shards: list[int], count: int, device: str | None,
                    progress: bool) -> str:
     """Encode this process's shards that are not on disk yet; return the encoder's fingerprint."""
-    from rag.encoders import Encoder
+    from rag.retrieval.encoders import Encoder
 
     todo = [i for i in shards if not shard_path(out, i).is_file()]
     if len(todo) < len(shards):
@@ -325,7 +325,7 @@ def _overwrite(cfg: BuildConfig, out: Path, dist, progress: bool) -> Path:
 def check_settings(cfg: BuildConfig) -> None:
     """Settings only a later stage would trip on, refused before any work: the stemmer (the index kind is checked
     where the config is parsed)."""
-    from rag import bm25
+    from rag.retrieval import bm25
 
     if cfg.sparse.kind == "bm25":
         bm25.stemmer(cfg.sparse.language)
@@ -333,7 +333,7 @@ def check_settings(cfg: BuildConfig) -> None:
 
 def build_sparse(folder: IndexFolder, generation: int, store: PassageStore, cfg) -> dict:
     """The BM25 part over every row of `store` (deleted rows are masked at search, as in FAISS)."""
-    from rag import bm25
+    from rag.retrieval import bm25
 
     log.info("BM25 over %d passages", len(store))
     return bm25.build(folder, generation, store.column("title"), store.column("text"), cfg)

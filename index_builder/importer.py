@@ -33,10 +33,10 @@ from index_builder.build import (
 )
 from rag.config import BuildConfig, save_config
 from rag.files import NpyRows, create_npy, writing
-from rag.index_folder import STORE_FILE, VECTORS_FILE, VECTORS_PART, IndexFolder, refuse_link
-from rag.index_kinds import chunks
-from rag.passages import PassageRecord
-from rag.store import StoreWriter
+from rag.retrieval.index_folder import STORE_FILE, VECTORS_FILE, VECTORS_PART, IndexFolder, refuse_link
+from rag.retrieval.index_kinds import chunks
+from rag.retrieval.passages import PassageRecord
+from rag.retrieval.store import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _npy_batches(cfg: BuildConfig, path: Path):
     """The passages file's rows beside the vector shards' rows, BATCH at a time."""
     from dataclasses import replace
 
-    from rag.passages import ReadReport, read_corpus
+    from rag.retrieval.passages import ReadReport, read_corpus
 
     c = cfg.corpus
     where = Path(c.vectors).expanduser()

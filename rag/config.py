@@ -98,7 +98,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    type: str = "flat"  # an index kind registered in rag/index_kinds.py: flat, hnsw, ivfpq
+    type: str = "flat"  # an index kind registered in rag/retrieval/index_kinds.py: flat, hnsw, ivfpq
     vector_dtype: Literal["float16", "float32"] = "float32"
     hnsw_m: int = within(2, None, 32)
     ef_construction: int = within(1, None, 80)
@@ -119,7 +119,7 @@ class IndexConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from rag.index_kinds import KINDS  # the registry of kinds (no faiss import)
+        from rag.retrieval.index_kinds import KINDS  # the registry of kinds (no faiss import)
 
         if self.type not in KINDS:
             raise ConfigError(f"index.type: {self.type!r} is not an index kind; known: {', '.join(sorted(KINDS))}")
@@ -172,7 +172,8 @@ class DecodingConfig:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """BM25 beside the dense index (rag/bm25.py), with its tokenisation: recorded in the manifest, used for queries."""
+    """BM25 beside the dense index (rag/retrieval/bm25.py), with its tokenisation: recorded in the manifest, used
+    for queries."""
 
     kind: Literal["none", "bm25"] = "none"
     k1: float = within(0, None, 1.5)
@@ -193,7 +194,7 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How hybrid retrieval merges the dense and the BM25 candidates (rag/fusion.py)."""
+    """How hybrid retrieval merges the dense and the BM25 candidates (rag/retrieval/fusion.py)."""
 
     method: Literal["rrf", "sum"] = "sum"  # reciprocal-rank fusion, or a weighted sum of min-max-normalised scores
     bm25_weight: float = within(0, 1, 0.3)  # sum: the BM25 side's weight (the dense side has 1 - this)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from rag.config import RagConfig, resolve_config_path
-from rag.index_folder import IndexFolder, IndexFolderError
+from rag.retrieval.index_folder import IndexFolder, IndexFolderError
 
 log = logging.getLogger(__name__)
 

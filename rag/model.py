@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rag import decoding, marginal
 from rag.config import DecodingConfig
-from rag.generator import Contexts, Generator
+from rag.generation import decoding, marginal
+from rag.generation.generator import Contexts, Generator
 from rag.metrics import passage_has_answer
-from rag.retriever import Retrieved, Retriever
+from rag.retrieval.retriever import Retrieved, Retriever
 
 
 @dataclass(frozen=True)

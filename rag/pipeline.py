@@ -27,17 +27,17 @@ from rag.config import (
     save_config,
     to_dict,
 )
-from rag.encoders import Encoder, encoder_record
 from rag.errors import BadInput, BadType
-from rag.generator import load_generator
-from rag.index import DenseIndex
-from rag.index_folder import IndexFolder
-from rag.index_kinds import check_rerank
+from rag.generation.generator import load_generator
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.precision import name_of, resolve_device
 from rag.resolve import load_rag_config  # noqa: F401 - importable from here, as the README shows
-from rag.retriever import NonFinite, Retrieved, Retriever, check_questions
+from rag.retrieval.encoders import Encoder, encoder_record
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import IndexFolder
+from rag.retrieval.index_kinds import check_rerank
+from rag.retrieval.retriever import NonFinite, Retrieved, Retriever, check_questions
 from rag.weights import quiet_bars
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def _given_passages(passages: list[list], device) -> Retrieved:
     """Passages chosen by the caller as a retrieval result with equal doc scores (a uniform prior)."""
     import numpy as np
 
-    from rag.passages import PassageRecord
+    from rag.retrieval.passages import PassageRecord
 
     if not all(isinstance(ps, (list, tuple)) for ps in passages):
         raise BadType("passages must be one list per question")
@@ -360,8 +360,8 @@ def _given_passages(passages: list[list], device) -> Retrieved:
         raise BadInput("every question needs the same, non-zero number of passages")
     wrong = next((p for ps in passages for p in ps if p is not None and not isinstance(p, PassageRecord)), None)
     if wrong is not None:
-        raise BadType(f"a given passage must be a rag.passages.PassageRecord(id, doc_id, title, text) or None "
-                      f"(closed-book), got {type(wrong).__name__}")
+        raise BadType("a given passage must be a rag.retrieval.passages.PassageRecord(id, doc_id, title, text) or "
+                      f"None (closed-book), got {type(wrong).__name__}")
     k = widths.pop()
     return Retrieved(np.full((len(passages), k), -1), torch.zeros(len(passages), k, device=device),
                      [list(ps) for ps in passages])

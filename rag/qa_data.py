@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag.files import parse_json
-from rag.passages import CorpusError, Skips, json_records
+from rag.retrieval.passages import CorpusError, Skips, json_records
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def tiny_tokenizer(vocab: int = 64):
 
 def tiny_seq2seq_generator(seed: int = 0):
     from rag.config import GeneratorConfig
-    from rag.generator import Seq2SeqGenerator
+    from rag.generation.generator import Seq2SeqGenerator
 
     return Seq2SeqGenerator(tiny_bart(seed), tiny_tokenizer(), GeneratorConfig(name="tiny-bart", family="seq2seq"))
 

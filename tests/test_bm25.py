@@ -6,9 +6,9 @@ import pytest
 from index_builder.build import build
 from index_builder.update import compact, update
 from rag.config import BuildConfig, ConfigError, IndexConfig, load_config
-from rag.fusion import fuse
-from rag.index import DenseIndex
-from rag.index_folder import IndexFolderError
+from rag.retrieval.fusion import fuse
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import IndexFolderError
 from tests.conftest import DOCS, build_cfg, rag_config, write_jsonl
 
 pytest.importorskip("bm25s")
@@ -128,7 +128,7 @@ def test_retrieval_modes_answer_and_say_which_side_found_each_passage(built, tin
 def test_a_new_index_kind_is_one_class_and_one_registry_line(tmp_path, tiny_bert, monkeypatch):
     """The extension claim: a kind registered here (scalar-quantised codes, faiss "SQ8") builds, loads, updates
     and searches with no other change."""
-    from rag import index_kinds
+    from rag.retrieval import index_kinds
 
     class ScalarQuantised(index_kinds.IndexKind):
         name = "sq8"
@@ -171,7 +171,7 @@ def test_first_use_adds_the_bm25_part_a_config_asks_for(tmp_path, tiny_bert, tin
 
 def test_fused_scores_in_dense_units_keep_the_dense_gaps():
     """A passage only the dense side found keeps its gap to the others: the prior is as sharp as over dense scores."""
-    from rag.fusion import in_dense_units
+    from rag.retrieval.fusion import in_dense_units
 
     dense_ids = np.array([[4, 7, 9, -1]])
     dense_scores = np.array([[0.62, 0.41, 0.30, -np.inf]], np.float32)

@@ -12,8 +12,8 @@ import pytest
 from index_builder.__main__ import main as cli
 from index_builder.build import BuildError, build
 from rag.config import BuildConfig, load_config
-from rag.encoders import Encoder
-from rag.index import DenseIndex
+from rag.retrieval.encoders import Encoder
+from rag.retrieval.index import DenseIndex
 from tests.conftest import long_docs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from rag import decoding
 from rag.config import DecodingConfig
-from rag.generator import Contexts
-from rag.marginal import doc_logprobs
+from rag.generation import decoding
+from rag.generation.generator import Contexts
+from rag.generation.marginal import doc_logprobs
 from tests.hf_rag import hf_rag, random_contexts, tiny_seq2seq_generator
 
 B, K, NEW = 2, 3, 8

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from index_builder.build import build
-from rag.index import DenseIndex
+from rag.retrieval.index import DenseIndex
 from tests.conftest import DOCS, build_cfg, write_jsonl
 
 

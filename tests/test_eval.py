@@ -4,9 +4,9 @@ import pytest
 
 from eval import qa
 from rag import metrics
-from rag.passages import CorpusError
 from rag.pipeline import RagPipeline
 from rag.qa_data import QAReport, read_qa
+from rag.retrieval.passages import CorpusError
 from tests.conftest import rag_config, write_jsonl
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from rag.config import GeneratorConfig
-from rag.generator import CausalGenerator, Seq2SeqGenerator, load_generator
-from rag.passages import PassageRecord
+from rag.generation.generator import CausalGenerator, Seq2SeqGenerator, load_generator
+from rag.retrieval.passages import PassageRecord
 
 P = [PassageRecord("a#0", "a", "Paris", "Paris is the capital of France."),
      PassageRecord("b#0", "b", "London", "London is the capital of England and a much longer passage about the river.")]
@@ -81,8 +81,8 @@ def test_a_huge_question_reaches_the_generator_bounded(tiny_lms, kind, caplog):
     import logging
 
     from rag.config import GeneratorConfig
-    from rag.generator import load_generator
-    from rag.passages import PassageRecord
+    from rag.generation.generator import load_generator
+    from rag.retrieval.passages import PassageRecord
 
     gen = load_generator(GeneratorConfig(name=str(tiny_lms[kind]), max_context_length=20, max_question_length=12))
     passage = PassageRecord(id="p", doc_id="p", title="paris", text="paris is the capital of france " * 10)
@@ -97,7 +97,7 @@ def test_targets_start_with_a_space_after_an_answer_prefix(tiny_lms):
     """After "The answer is:" the model writes " Paris": training targets carry that space (without it the loss
     taught tokens the model never produces there)."""
     from rag.config import GeneratorConfig
-    from rag.generator import load_generator
+    from rag.generation.generator import load_generator
 
     plain = load_generator(GeneratorConfig(name=str(tiny_lms["llama"])))
     prefixed = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), answer_prefix="The answer is:"))
@@ -127,9 +127,9 @@ def test_the_prompt_pass_gives_the_lm_head_a_contiguous_input(gen):
 def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkeypatch):
     """The prompt pass runs rows of similar length together (less padding); every row's output equals that row
     run alone, unpadded."""
-    from rag.generator import length_groups
+    from rag.generation.generator import length_groups
 
-    monkeypatch.setattr("rag.generator.GROUP_ROWS", 1)
+    monkeypatch.setattr("rag.generation.generator.GROUP_ROWS", 1)
     long = PassageRecord("c#0", "c", "Rivers", " ".join(["The Seine and the Thames are rivers."] * 6))
     ctx = gen.prepare(["which river ?", "what ?"], [[P[0], long], [P[1], P[0]]])
     lengths = ctx.attention_mask.sum(1)
@@ -150,7 +150,7 @@ def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkey
 
 
 def test_length_groups_bound_the_padding():
-    from rag.generator import LENGTH_SLACK, length_groups
+    from rag.generation.generator import LENGTH_SLACK, length_groups
 
     lengths = torch.tensor([100, 210, 79, 205, 150, 99, 180, 211])
     groups = length_groups(lengths, min_rows=1)
@@ -162,7 +162,7 @@ def test_length_groups_bound_the_padding():
 
 
 def test_shared_prefix_leaves_every_row_a_token():
-    from rag.generator import shared_prefix
+    from rag.generation.generator import shared_prefix
 
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix([[1, 2, 3]]) == 2

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from rag.config import IndexConfig
-from rag.index import DenseIndex, augment, build_faiss, set_search_params
-from rag.index_folder import MANIFEST, IndexFolderError
+from rag.retrieval.index import DenseIndex, augment, build_faiss, set_search_params
+from rag.retrieval.index_folder import MANIFEST, IndexFolderError
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
@@ -131,7 +131,7 @@ def test_load_checks(built, tmp_path):
         DenseIndex.load(tmp_path / "nope")
     with pytest.raises(IndexFolderError, match="no manifest.json"):
         DenseIndex.load(tmp_path)
-    from rag.index_folder import EncoderMismatch, IndexFolder
+    from rag.retrieval.index_folder import EncoderMismatch, IndexFolder
 
     folder = IndexFolder(built["flat"])
     manifest = folder.read_manifest()

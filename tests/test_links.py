@@ -11,8 +11,8 @@ from index_builder.build import build
 from index_builder.importer import import_index
 from index_builder.update import compact, update
 from rag.config import BuildConfig, load_config
-from rag.index import DenseIndex
-from rag.index_folder import IndexFolder, IndexFolderError
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import IndexFolder, IndexFolderError
 from tests.conftest import DOCS, build_cfg, write_jsonl
 
 

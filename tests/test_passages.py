@@ -4,7 +4,7 @@ import json
 import pytest
 
 from rag.config import CorpusConfig, PassageConfig
-from rag.passages import (
+from rag.retrieval.passages import (
     CorpusError,
     Document,
     ReadReport,

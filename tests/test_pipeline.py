@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rag.index import IndexFolderError
 from rag.pipeline import Answer, RagPipeline
+from rag.retrieval.index import IndexFolderError
 from tests.conftest import DOCS, HAS_DEMO, rag_config, write_jsonl
 
 
@@ -73,7 +73,7 @@ def test_bad_input(pipe, caplog):
     assert "truncated" in caplog.text
     with pytest.raises(ValueError, match="no questions"):
         pipe.retrieve([])
-    with pytest.raises(TypeError, match="must be a rag.passages.PassageRecord"):
+    with pytest.raises(TypeError, match="must be a rag.retrieval.passages.PassageRecord"):
         pipe.answer_batch(["capital"], passages=[["text"]])
     with pytest.raises(TypeError, match="one list per question"):
         pipe.answer_batch(["capital"], passages=["text"])
@@ -116,7 +116,7 @@ def test_embedded_default_answers_from_the_demo_corpus(tmp_path):
     """The real default (MiniLM + SmolLM2-135M) over a slice of the demo corpus that holds the answer."""
     import json
 
-    from rag.passages import demo_corpus_path
+    from rag.retrieval.passages import demo_corpus_path
 
     data = json.loads(demo_corpus_path().read_text(encoding="utf-8"))
     keep = [k for k in data if k in ("Pride and Prejudice", "Jane Austen")] + list(data)[:150]

@@ -86,11 +86,11 @@ def test_greedy_tokens_agree_where_the_margins_are_wide(tiny_lms):
     """A tiny generator taught three answers (so that its next-token margins are wide, as a trained reader's are)
     decodes the same greedy tokens in bfloat16 as in float32. A random one is no test: its margins (~0.1) are
     of the size of bfloat16's logit error (~0.06)."""
-    from rag import decoding
     from rag.config import DecodingConfig, GeneratorConfig
-    from rag.generator import load_generator
-    from rag.marginal import doc_logprobs
-    from rag.passages import PassageRecord
+    from rag.generation import decoding
+    from rag.generation.generator import load_generator
+    from rag.generation.marginal import doc_logprobs
+    from rag.retrieval.passages import PassageRecord
 
     torch.manual_seed(0)
     gen = load_generator(GeneratorConfig(name=str(tiny_lms["llama"]), max_target_length=8))
@@ -123,7 +123,7 @@ def test_greedy_tokens_agree_where_the_margins_are_wide(tiny_lms):
 def test_an_index_built_in_bfloat16_is_searched_from_float32(tmp_path, tiny_bert, tiny_lms):
     from index_builder.build import build
     from rag.config import BuildConfig, load_config
-    from rag.index_folder import IndexFolder
+    from rag.retrieval.index_folder import IndexFolder
     from tests.conftest import DOCS, write_jsonl
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)

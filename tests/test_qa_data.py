@@ -3,8 +3,8 @@ import json
 import pytest
 
 from rag import metrics
-from rag.passages import CorpusError
 from rag.qa_data import QAReport, read_qa
+from rag.retrieval.passages import CorpusError
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "qa"
 
@@ -83,7 +83,7 @@ def test_json_nested_100000_deep_is_one_error_naming_the_file(tmp_path, fmt, tex
 
 def test_deep_json_in_corpus_update_and_training_readers(tmp_path):
     from rag.config import CorpusConfig
-    from rag.passages import ReadReport, read_corpus
+    from rag.retrieval.passages import ReadReport, read_corpus
 
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"id": "a", "text": ' + DEEP + "}\n")

@@ -20,8 +20,8 @@ import pytest
 
 from index_builder.build import BuildError, build
 from rag.config import BuildConfig, load_config
-from rag.index import DenseIndex
-from rag.index_folder import IndexFolderError
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import IndexFolderError
 from tests.conftest import DOCS, build_cfg, write_jsonl
 
 
@@ -133,7 +133,7 @@ def test_a_reader_opening_during_a_switch_opens_the_new_generation(built, tiny_b
     """A reader that read the manifest just before `compact` switched and removed the old generation's files once
     failed ("could not open index.g0022.faiss"); it now re-reads the manifest and opens the new generation."""
     from index_builder.update import compact, update
-    from rag.index_folder import IndexFolder
+    from rag.retrieval.index_folder import IndexFolder
 
     add = write_jsonl(tmp_path / "add.jsonl", [{"id": "rome", "title": "Rome", "text": "Rome is the capital of Italy."}])
     update(built, add=add, progress=False)

@@ -143,7 +143,7 @@ def test_nan_loss_stops_with_the_step_and_batch(setup, tmp_path, monkeypatch):
 def test_bad_training_file(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": ["a"]}\n{oops\n')
-    from rag.passages import CorpusError
+    from rag.retrieval.passages import CorpusError
 
     with pytest.raises(CorpusError, match=rf"{bad}:2: malformed JSON"):
         train(cfg_for(setup, tmp_path, f"data.train=[{bad}]"), progress=False)
@@ -340,7 +340,7 @@ def test_a_diverging_step_stops_the_run_and_saves_nothing(setup, tmp_path, monke
 
 
 def test_non_finite_weights_are_neither_saved_nor_used(setup, tmp_path):
-    from rag.retriever import NonFinite
+    from rag.retrieval.retriever import NonFinite
 
     pipe = RagPipeline.load(setup[1])
     with torch.no_grad():

@@ -137,7 +137,7 @@ def test_the_converted_model_saves_in_the_project_format(setup, imported, tmp_pa
 def test_import_keeps_ids_and_texts_and_resumes(setup, imported, tmp_path):
     from datasets import load_from_disk
 
-    from rag.index import DenseIndex
+    from rag.retrieval.index import DenseIndex
 
     ds = load_from_disk(str(setup[1]))
     index = DenseIndex.load(imported)
@@ -158,7 +158,7 @@ def test_import_from_arrow_parquet_and_npy(setup, tmp_path, fmt):
 
     from index_builder.importer import import_index
     from rag.config import BuildConfig, load_config
-    from rag.index import DenseIndex
+    from rag.retrieval.index import DenseIndex
 
     ds = load_from_disk(str(setup[1]))
     table = ds.data.table
@@ -218,7 +218,7 @@ def test_wrong_inputs_are_one_line(setup, tmp_path, tiny_bert, capsys):
     index = import_index(load_config(BuildConfig, None, [f"output={tmp_path / 'i16'}", "corpus.format=hf_disk",
                                                          f"corpus.path={other}", "encoder.pooling=cls",
                                                          "encoder.normalize=false"]), progress=False)
-    from rag.index_folder import EncoderMismatch
+    from rag.retrieval.index_folder import EncoderMismatch
 
     with pytest.raises(EncoderMismatch, match="dim: index has 16, encoder has 32"):
         RagPipeline.from_transformers(setup[2]["token"], index, ("precision=float32",), folder=tmp_path / "c2")
@@ -246,7 +246,7 @@ def test_a_killed_import_keeps_the_rows_it_wrote(setup, tmp_path, monkeypatch):
     import index_builder.importer as importer
     from rag.config import BuildConfig, load_config
     from rag.files import NpyRows
-    from rag.index import DenseIndex
+    from rag.retrieval.index import DenseIndex
 
     def config(name):
         return load_config(BuildConfig, None, [f"output={tmp_path / name}", "corpus.format=hf_disk",

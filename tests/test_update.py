@@ -9,8 +9,8 @@ from index_builder.__main__ import main as cli
 from index_builder.build import build
 from index_builder.update import UpdateError, compact, update
 from rag.config import BuildConfig, load_config
-from rag.index import DenseIndex
-from rag.index_folder import EncoderMismatch, FolderBusy, IndexFolder, IndexFolderError
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import EncoderMismatch, FolderBusy, IndexFolder, IndexFolderError
 from tests.conftest import long_docs, write_jsonl
 
 TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
@@ -156,7 +156,7 @@ def test_files_left_by_a_kill_after_the_switch_are_swept(tmp_path, tiny_bert, mo
     (base / "vectors.g0002.npy.tmp").write_bytes(b"half")
     (base / "notes.txt").write_text("mine")
     (tmp_path / "gone.txt").write_text("doc0\n")
-    with caplog.at_level(logging.INFO, logger="rag.index_folder"):
+    with caplog.at_level(logging.INFO, logger="rag.retrieval.index_folder"):
         update(base, delete=str(tmp_path / "gone.txt"), progress=False)
     assert "index.faiss" in caplog.text and not (base / "index.faiss").exists()
     assert not (base / "vectors.g0002.npy.tmp").exists() and (base / "notes.txt").read_text() == "mine"
@@ -164,7 +164,7 @@ def test_files_left_by_a_kill_after_the_switch_are_swept(tmp_path, tiny_bert, mo
 
 
 def rag_write(folder, manifest):
-    from rag.index_folder import write_json_atomic
+    from rag.retrieval.index_folder import write_json_atomic
 
     write_json_atomic(folder.manifest_path, manifest)
 

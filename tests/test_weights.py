@@ -80,7 +80,7 @@ def test_pickle_weights_are_refused_in_one_line(tmp_path, tiny_bert, what):
     from safetensors.torch import load_file
 
     from rag.config import ConfigError, EncoderConfig
-    from rag.encoders import Encoder
+    from rag.retrieval.encoders import Encoder
 
     if what == "encoder":
         folder = tmp_path / "model"

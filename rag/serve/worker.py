@@ -196,7 +196,7 @@ class Worker:
 
 async def watch(pipe, worker: Worker, every: float) -> None:
     """Reload when the index folder's manifest names a new generation (an update or compact finished)."""
-    from rag.index_folder import IndexFolder
+    from rag.retrieval.index_folder import IndexFolder
 
     folder = IndexFolder(pipe.index_folder)
     failed = None  # a generation that failed to load is not retried until another one appears

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from rag.config import DecodingConfig
-from rag.generator import Contexts, Generator
-from rag.marginal import sequence_logprob, token_marginal
+from rag.generation.generator import Contexts, Generator
+from rag.generation.marginal import sequence_logprob, token_marginal
 
 NEG = -1.0e9
 # (hypothesis, passage) rows teacher-forced at once when RAG-sequence rescores its hypotheses: each row gathers its

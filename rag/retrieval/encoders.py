@@ -79,7 +79,7 @@ class Encoder(Placed, nn.Module):
         return enc.place(cfg.device, cfg.precision)
 
     def identity(self) -> dict:
-        """The keys `rag.index_folder.check_encoder` compares with an index's encoder record."""
+        """The keys `rag.retrieval.index_folder.check_encoder` compares with an index's encoder record."""
         return {**encoder_record(self.cfg), "fingerprint": self.fingerprint, "dim": self.dim}
 
     @property

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from rag.config import FusionConfig
-from rag.encoders import Encoder
 from rag.errors import BadInput, BadType, RagError
-from rag.fusion import fuse, in_dense_units
-from rag.index import DenseIndex
-from rag.passages import PassageRecord
+from rag.retrieval.encoders import Encoder
+from rag.retrieval.fusion import fuse, in_dense_units
+from rag.retrieval.index import DenseIndex
+from rag.retrieval.passages import PassageRecord
 
 log = logging.getLogger(__name__)
 

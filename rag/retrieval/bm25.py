@@ -1,6 +1,6 @@
 """BM25 over an index folder's passages: the sparse part of the folder, built beside the dense part in every
 generation (bm25s, with PyStemmer's Snowball stemmers), memory-mapped on load, searched alone (RAG-BM25, the
-paper's Table 6) or fused with the dense part (rag/fusion.py).
+paper's Table 6) or fused with the dense part (rag/retrieval/fusion.py).
 
 Its rows are the dense part's rows (row position = passage), so a deleted passage is masked out of BM25 exactly as
 out of FAISS, and an update rebuilds the part over the generation's passages. What makes a query's tokens
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rag.config import ConfigError, SparseConfig
-from rag.index_folder import IndexFolder, IndexFolderError
+from rag.retrieval.index_folder import IndexFolder, IndexFolderError
 
 log = logging.getLogger(__name__)
 

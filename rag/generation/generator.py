@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from rag.config import GeneratorConfig
-from rag.passages import PassageRecord
 from rag.precision import Placed
+from rag.retrieval.passages import PassageRecord
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Generator(Placed, nn.Module):
         """The one teacher-forcing path (training loss, answer posteriors, RAG-sequence rescoring): (N, T) targets
         under context rows (N,) -> log p(y_t | x, z, y_<t) (N, T), Σ_v log p(v | ...) (N, T) with `vocab_sum` (label
         smoothing), and the whole (N, T, V) log-softmax with `full` (RAG-token label smoothing); None when not asked."""
-        from rag.marginal import gather_target_logprobs
+        from rag.generation.marginal import gather_target_logprobs
 
         logits = self.teacher_force(ctx, rows, targets)  # (N, T, V)
         lp, total = gather_target_logprobs(logits, targets, vocab_sum)

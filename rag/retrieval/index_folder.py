@@ -290,7 +290,7 @@ class IndexFolder:
                 path.unlink(missing_ok=True)
                 gone.append(path.name)
             elif stat.S_ISDIR(mode) and path.name.startswith(".bm25-") and path.name.endswith(".tmp"):
-                shutil.rmtree(path, ignore_errors=True)  # a BM25 build's staging folder (rag/bm25.py)
+                shutil.rmtree(path, ignore_errors=True)  # a BM25 build's staging folder (rag/retrieval/bm25.py)
                 gone.append(path.name)
         if gone:
             log.info("%s: removed %s, left by an earlier writer that was stopped", self.path, ", ".join(sorted(gone)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from rag.passages import PassageRecord
+from rag.retrieval.passages import PassageRecord
 
 SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 

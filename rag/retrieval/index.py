@@ -1,6 +1,6 @@
 """The dense index: FAISS index + passage vectors + passage store of an index folder, opened for search.
 
-The folder's format (manifest, file names, generations) belongs to `rag.index_folder.IndexFolder`.
+The folder's format (manifest, file names, generations) belongs to `rag.retrieval.index_folder.IndexFolder`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import faiss
 import numpy as np
 
 from rag.config import IndexConfig
-from rag.index_folder import IndexFolder, IndexFolderError
-from rag.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
-from rag.passages import PassageRecord
-from rag.store import PassageStore, SegmentedVectors
+from rag.retrieval.index_folder import IndexFolder, IndexFolderError
+from rag.retrieval.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
+from rag.retrieval.passages import PassageRecord
+from rag.retrieval.store import PassageStore, SegmentedVectors
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class DenseIndex:
         self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
         self.generation = manifest.get("generation", 0)
         self.kind = kind_of(cfg)
-        self.bm25 = bm25  # the folder's BM25 part (rag/bm25.py), None when it has none
+        self.bm25 = bm25  # the folder's BM25 part (rag/retrieval/bm25.py), None when it has none
         self._params = self._search_params()
 
     @classmethod
@@ -123,7 +123,7 @@ class DenseIndex:
             index = _to_gpu(index, cfg)
         bm25 = None
         if manifest.get("sparse"):
-            from rag.bm25 import Bm25Part
+            from rag.retrieval.bm25 import Bm25Part
 
             bm25 = Bm25Part.load(where, manifest["sparse"], np.zeros(0, np.int64) if deleted is None else deleted)
         loaded = cls(where.path, manifest, index, vectors, store, cfg, norm2, deleted, bm25)
