@@ -20,6 +20,7 @@ import numpy as np
 from rag.config import BuildConfig, save_config
 from rag.errors import RagError
 from rag.files import NpyRows, open_npy, parse_json, save_npy, write_faiss, write_json_atomic, writing
+from rag.index_kinds import Checkpoints
 from rag.precision import name_of
 from rag.retrieval.encoders import encoder_record
 from rag.retrieval.index import build_faiss, factory_string
@@ -35,7 +36,6 @@ from rag.retrieval.index_folder import (
     IndexFolder,
     refuse_link,
 )
-from rag.retrieval.index_kinds import Checkpoints
 from rag.retrieval.passages import ReadReport, iter_passages
 from rag.retrieval.store import PassageStore, StoreWriter
 

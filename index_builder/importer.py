@@ -33,8 +33,8 @@ from index_builder.build import (
 )
 from rag.config import BuildConfig, save_config
 from rag.files import NpyRows, create_npy, writing
+from rag.index_kinds import chunks
 from rag.retrieval.index_folder import STORE_FILE, VECTORS_FILE, VECTORS_PART, IndexFolder, refuse_link
-from rag.retrieval.index_kinds import chunks
 from rag.retrieval.passages import PassageRecord
 from rag.retrieval.store import StoreWriter
 

@@ -24,11 +24,11 @@ from index_builder.build import build_sparse
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.errors import RagError
 from rag.files import open_npy, save_npy, write_faiss, writing
+from rag.index_kinds import kind_of
 from rag.retrieval import bm25
 from rag.retrieval.encoders import Encoder
 from rag.retrieval.index import DenseIndex, augment, build_faiss, factory_string
 from rag.retrieval.index_folder import DELETED_FILE, INDEX_FILE, STORE_FILE, VECTORS_FILE, IndexFolder
-from rag.retrieval.index_kinds import kind_of
 from rag.retrieval.passages import Document, ReadReport, read_corpus, sentence_splitter, split_document
 from rag.retrieval.store import PassageStore, StoreWriter
 

@@ -98,7 +98,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    type: str = "flat"  # an index kind registered in rag/retrieval/index_kinds.py: flat, hnsw, ivfpq
+    type: str = "flat"  # an index kind registered in rag/index_kinds.py: flat, hnsw, ivfpq
     vector_dtype: Literal["float16", "float32"] = "float32"
     hnsw_m: int = within(2, None, 32)
     ef_construction: int = within(1, None, 80)
@@ -119,7 +119,7 @@ class IndexConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from rag.retrieval.index_kinds import KINDS  # the registry of kinds (no faiss import)
+        from rag.index_kinds import KINDS  # the registry of kinds (no faiss import)
 
         if self.type not in KINDS:
             raise ConfigError(f"index.type: {self.type!r} is not an index kind; known: {', '.join(sorted(KINDS))}")

@@ -21,7 +21,6 @@ from rag.adapters import has_adapter, name_base_model
 from rag.config import (
     SAVED_CONFIG,
     DecodingConfig,
-    EncoderConfig,
     RagConfig,
     from_dict,
     save_config,
@@ -31,12 +30,10 @@ from rag.errors import BadInput, BadType
 from rag.generation.generator import load_generator
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
-from rag.precision import name_of, resolve_device
+from rag.precision import name_of
 from rag.resolve import load_rag_config  # noqa: F401 - importable from here, as the README shows
-from rag.retrieval.encoders import Encoder, encoder_record
 from rag.retrieval.index import DenseIndex
 from rag.retrieval.index_folder import IndexFolder
-from rag.retrieval.index_kinds import check_rerank
 from rag.retrieval.retriever import NonFinite, Retrieved, Retriever, check_questions
 from rag.weights import quiet_bars
 
@@ -126,17 +123,9 @@ class RagPipeline:
         the precision to serve with."""
         cfg = load_rag_config(source, tuple(overrides))
         weights = "float32" if trainable else cfg.precision
-        device = resolve_device(cfg.device)
-        folder = IndexFolder(cfg.index)
-        index = DenseIndex.load(folder, **({"use_gpu": True} if cfg.faiss_gpu else {}))
-        check_rerank(cfg.n_docs, index.cfg, what="n_docs")  # before any weights load
-        qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
-        encoder = Encoder.from_config(dataclasses.replace(qcfg, device=str(device), precision=weights))
-        folder.check_encoder(index.manifest, encoder.identity())
-        generator = load_generator(cfg.generator).place(device, weights)
-        retriever = Retriever(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale)
-        return cls(RagModel(retriever, generator, cfg.prior_scale),
-                   dataclasses.replace(cfg, query_encoder=qcfg))
+        retriever, qcfg = Retriever.load(cfg, weights)
+        generator = load_generator(cfg.generator).place(cfg.device, weights)
+        return cls(RagModel(retriever, generator, cfg.prior_scale), dataclasses.replace(cfg, query_encoder=qcfg))
 
     @classmethod
     def from_transformers(cls, source: str | Path, index: str | Path, overrides: tuple[str, ...] = (),
@@ -321,12 +310,6 @@ def _found_by(retrieved: Retrieved, b: int, k: int) -> tuple[int | None, int | N
     if retrieved.ranks is None:
         return None, None
     return tuple(int(r) or None for r in retrieved.ranks[b, k])
-
-
-def encoder_record_of(manifest: dict) -> dict:
-    """The EncoderConfig fields an index's manifest records of its encoder."""
-    keys = encoder_record(EncoderConfig()).keys()
-    return {k: manifest["encoder"][k] for k in keys if k in manifest["encoder"]}
 
 
 def _positive(name: str, value, default: int) -> int:

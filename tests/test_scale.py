@@ -11,8 +11,8 @@ import pytest
 from index_builder.build import FolderCheckpoints, identity
 from rag.config import BuildConfig, ConfigError, IndexConfig, load_config
 from rag.files import NpyRows, create_npy
+from rag.index_kinds import check_rerank, kind_of
 from rag.retrieval.index import DenseIndex, build_faiss
-from rag.retrieval.index_kinds import check_rerank, kind_of
 from tests.test_index import brute_force, clustered, recall
 
 IVF = IndexConfig(type="ivfpq", nlist=16, pq_m=8, nprobe=8, train_size=500, coarse="hnsw")

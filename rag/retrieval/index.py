@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 
 from rag.config import IndexConfig
+from rag.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
 from rag.retrieval.index_folder import IndexFolder, IndexFolderError
-from rag.retrieval.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
 from rag.retrieval.passages import PassageRecord
 from rag.retrieval.store import PassageStore, SegmentedVectors
 

@@ -3,6 +3,7 @@ d(z)ᵀq(x) are recomputed from the stored passage vectors so that they are diff
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -10,11 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rag.config import FusionConfig
+from rag.config import EncoderConfig, FusionConfig, RagConfig
 from rag.errors import BadInput, BadType, RagError
-from rag.retrieval.encoders import Encoder
+from rag.index_kinds import check_rerank
+from rag.retrieval.encoders import Encoder, encoder_record
 from rag.retrieval.fusion import fuse, in_dense_units
 from rag.retrieval.index import DenseIndex
+from rag.retrieval.index_folder import IndexFolder
 from rag.retrieval.passages import PassageRecord
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,18 @@ class Retriever(nn.Module):
         self._warned_long = False
         if retrieval != "dense":
             index.require_bm25(retrieval)
+
+    @classmethod
+    def load(cls, cfg: RagConfig, precision: str) -> tuple[Retriever, EncoderConfig]:
+        """The index folder `cfg.index` and BERT_q (`cfg.query_encoder`, or the index's own encoder as its manifest
+        records it), checked against each other: n_docs within the re-rank before any weights load, then the
+        encoder's identity. Returns the retriever and the query encoder's config."""
+        index = DenseIndex.load(cfg.index, **({"use_gpu": True} if cfg.faiss_gpu else {}))
+        check_rerank(cfg.n_docs, index.cfg, what="n_docs")
+        qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
+        encoder = Encoder.from_config(dataclasses.replace(qcfg, device=cfg.device, precision=precision))
+        IndexFolder(index.folder).check_encoder(index.manifest, encoder.identity())
+        return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale), qcfg
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
@@ -137,3 +152,9 @@ class Retriever(nn.Module):
             doc_scores = doc_scores.masked_fill(missing, float("-inf"))
             dense = None if dense is None else dense.masked_fill(missing, float("-inf"))
         return Retrieved(ids, doc_scores, [index.passages(row) for row in ids], ranks, dense)
+
+
+def encoder_record_of(manifest: dict) -> dict:
+    """The EncoderConfig fields an index's manifest records of its encoder."""
+    keys = encoder_record(EncoderConfig()).keys()
+    return {k: manifest["encoder"][k] for k in keys if k in manifest["encoder"]}

