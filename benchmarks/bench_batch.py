@@ -3,8 +3,8 @@ questions, and the batched prompt pass with each of its levers switched off, sid
 
     python -m benchmarks.bench_batch [--batch 16] [--rounds 2] [--config configs/rag/demo.yaml]
 
-Levers (rag/generation/generator.py): length groups (prompts of similar length run together instead of all padded to the
-longest) and the shared prefix (the chat header and system prompt every prompt starts with, run once per batch).
+Levers (rag/generation/batching.py): length groups (prompts of similar length run together instead of all padded to
+the longest) and the shared prefix (the chat header and system prompt every prompt starts with, run once per batch).
 Each round takes new NQ-open dev questions (never the first 8), and every variant of a round answers the same ones
 in turn, so drift of the machine's speed falls on all of them alike. Seconds per question, mean over rounds.
 """
@@ -20,7 +20,7 @@ from benchmarks.common import NQ_DEV, machine, table
 
 def variants():
     """(name, batched?, patches): patches are (module attribute, value) pairs set for the variant's run."""
-    import rag.generation.generator as g
+    import rag.generation.batching as g
 
     # every row fits the first group: all prompts in one pass, padded to the longest (GROUP_ROWS would also gate
     # the shared prefix)

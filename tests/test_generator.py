@@ -127,9 +127,9 @@ def test_the_prompt_pass_gives_the_lm_head_a_contiguous_input(gen):
 def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkeypatch):
     """The prompt pass runs rows of similar length together (less padding); every row's output equals that row
     run alone, unpadded."""
-    from rag.generation.generator import length_groups
+    from rag.generation.batching import length_groups
 
-    monkeypatch.setattr("rag.generation.generator.GROUP_ROWS", 1)
+    monkeypatch.setattr("rag.generation.batching.GROUP_ROWS", 1)
     long = PassageRecord("c#0", "c", "Rivers", " ".join(["The Seine and the Thames are rivers."] * 6))
     ctx = gen.prepare(["which river ?", "what ?"], [[P[0], long], [P[1], P[0]]])
     lengths = ctx.attention_mask.sum(1)
@@ -150,7 +150,7 @@ def test_prompts_of_different_lengths_run_in_groups_each_as_if_alone(gen, monkey
 
 
 def test_length_groups_bound_the_padding():
-    from rag.generation.generator import LENGTH_SLACK, length_groups
+    from rag.generation.batching import LENGTH_SLACK, length_groups
 
     lengths = torch.tensor([100, 210, 79, 205, 150, 99, 180, 211])
     groups = length_groups(lengths, min_rows=1)
@@ -162,7 +162,7 @@ def test_length_groups_bound_the_padding():
 
 
 def test_shared_prefix_leaves_every_row_a_token():
-    from rag.generation.generator import shared_prefix
+    from rag.generation.batching import shared_prefix
 
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_prefix([[1, 2, 3]]) == 2
