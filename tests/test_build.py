@@ -182,7 +182,10 @@ def test_ctrl_c_during_a_build_then_a_rerun_finishes_from_there(tmp_path, tiny_b
             "--set", "encoder.precision=float32"]
     slow = ["--set", "encoder.batch_size=1"]  # slow enough to stop mid-way; a runtime setting, free to change
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(argv + slow, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal leaves it: a shell without job control starts background jobs (a CI runner's, say) with
+    # SIGINT ignored, and a child inherits that
+    proc = subprocess.Popen(argv + slow, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     shards = tmp_path / "index" / "shards"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
