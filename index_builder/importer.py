@@ -89,7 +89,8 @@ def _passages_and_vectors(out: Path, cfg: BuildConfig, state: dict, progress: bo
         with StoreWriter(tmp) as writer, tqdm(total=total, unit="passage", desc="import",
                                               disable=not progress) as bar:
             for ids, titles, texts, vecs in _batches(cfg):
-                vectors = vectors or _open_part(part, cfg, total, vecs.shape[1], done)
+                if vectors is None:
+                    vectors = _open_part(part, cfg, total, vecs.shape[1], done)
                 if vecs.shape[1] != vectors.shape[1]:
                     raise BuildError(f"{cfg.corpus.path}: vectors of dimension {vecs.shape[1]} after {count} rows "
                                      f"of dimension {vectors.shape[1]}")

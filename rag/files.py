@@ -112,8 +112,7 @@ def map_rows(path: Path):
 
 def create_npy(path: Path, dtype, shape: tuple[int, ...]) -> None:
     """An empty .npy of `shape` with its blocks allocated on disk (see `open_npy`), to be filled by `NpyRows`."""
-    del_map = open_npy(path, dtype, shape)
-    del del_map
+    open_npy(path, dtype, shape)  # the map it returns is closed as it goes
 
 
 class NpyRows:

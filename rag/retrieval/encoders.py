@@ -99,6 +99,11 @@ class Encoder(Placed, nn.Module):
         prefix = self.cfg.query_prefix if query else self.cfg.passage_prefix
         return ([prefix + x for x in first] if prefix else first), second
 
+    def token_counts(self, texts: Sequence[str], query: bool = False) -> list[int]:
+        """How many tokens each text (a question with `query`) has before truncation to `max_length`."""
+        first, second = self._segments(texts, None, query)
+        return [len(x) for x in self.tokenizer(first, second)["input_ids"]]
+
     def tokenize(self, texts: Sequence[str], titles: Sequence[str] | None = None, padding: bool = True,
                  query: bool = False) -> dict:
         """Token ids of passages (with their titles as `cfg.title` says), or of questions with `query`."""

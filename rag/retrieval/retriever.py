@@ -89,8 +89,7 @@ class Retriever(nn.Module):
             questions = [q if q.rstrip().endswith("?") else q.rstrip() + "?" for q in questions]
         limit = self.encoder.max_length
         if not self._warned_long:
-            prefix = self.encoder.cfg.query_prefix
-            lengths = [len(x) for x in self.encoder.tokenizer([prefix + q for q in questions])["input_ids"]]
+            lengths = self.encoder.token_counts(questions, query=True)
             if max(lengths) > limit:
                 log.warning("a question of %d tokens was truncated to the query encoder's limit of %d",
                             max(lengths), limit)
