@@ -76,7 +76,6 @@ def quiet_logging(level: int = logging.INFO) -> None:
     for name in ("rag", "index_builder", "eval"):
         logging.getLogger(name).setLevel(level)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines name modules it did not find
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # "Building index from IDs objects" on every build
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in an answer

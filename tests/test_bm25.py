@@ -97,6 +97,23 @@ def test_an_update_adds_the_bm25_part_and_a_missing_part_is_one_error(tmp_path, 
     assert pipe.retrieve("capital of france", 2)[0][0].title == "Paris"
 
 
+def test_building_bm25_follows_the_programs_log_level(tmp_path, tiny_bert, caplog):
+    """bm25s sets its logger to DEBUG when imported: a build printed "Building index from IDs objects" even under
+    a program's quiet logging."""
+    import logging
+
+    caplog.set_level(logging.WARNING)  # the program's level, on the root logger
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("bm25s").addHandler(handler)
+    try:
+        build(index_cfg(tmp_path, tiny_bert, "sparse.kind=bm25"), progress=False)
+    finally:
+        logging.getLogger("bm25s").removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []
+
+
 def test_an_unknown_stemmer_language_lists_the_known(tmp_path, tiny_bert):
     with pytest.raises(ConfigError, match="sparse.language: 'klingon' has no stemmer; known: arabic.*polish.*russian"):
         build(index_cfg(tmp_path, tiny_bert, "sparse.kind=bm25", "sparse.language=klingon"), progress=False)

@@ -53,10 +53,18 @@ def stemmer(language: str):
     return Stemmer.Stemmer(language)
 
 
-def tokenize(texts: list[str], record: dict, stem, as_ids: bool):
-    """bm25s tokens of `texts` under the record's stopwords and the stemmer `stem` (of the record's language)."""
+def _bm25s():
+    """The bm25s module, its logger handed back to the logging config: bm25s sets it to DEBUG when imported, so
+    every build printed "Building index from IDs objects" whatever level a program had chosen."""
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
+
+
+def tokenize(texts: list[str], record: dict, stem, as_ids: bool):
+    """bm25s tokens of `texts` under the record's stopwords and the stemmer `stem` (of the record's language)."""
+    bm25s = _bm25s()
     stop = record["stopwords"]
     return bm25s.tokenize(texts, lower=True, stopwords=None if stop == "none" else stop, stemmer=stem,
                           return_ids=as_ids, show_progress=False)
@@ -70,8 +78,7 @@ def passage_texts(titles: list[str], texts: list[str]) -> list[str]:
 def build(where: IndexFolder, generation: int, titles: list[str], texts: list[str], cfg: SparseConfig,
           progress: bool = False) -> dict:
     """Index the passages and write the part's files into the folder; returns the manifest's `sparse` record."""
-    import bm25s
-
+    bm25s = _bm25s()
     record = {"kind": "bm25", **asdict(cfg)}
     stem = stemmer(cfg.language)  # an unknown language fails before any work
     retriever = bm25s.BM25(k1=cfg.k1, b=cfg.b)
@@ -110,8 +117,7 @@ class Bm25Part:
 
     @classmethod
     def load(cls, where: IndexFolder, record: dict, deleted: np.ndarray) -> Bm25Part:
-        import bm25s
-
+        bm25s = _bm25s()
         names = {f"{p}_name": where.file(n).name for p, n in record["files"].items()}
         try:
             retriever = bm25s.BM25.load(str(where.path), **names, mmap=True,
