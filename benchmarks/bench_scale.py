@@ -20,6 +20,9 @@ timed, memory measured in a fresh process:
 6. `RagPipeline.load` over the folder with a DPR-shaped BERT_q (random BERT-base weights, 768-d) and a tiny
    generator: cold load, the first answer and the warm latency of `retrieve`.
 
+`--settings` names the nprobe:rerank pairs step 5 searches; `--search-only` repeats steps 4-6 over a kept --workdir
+(the exact top-100 is kept too), for another grid without another import.
+
 The generated source and the index are removed at the end unless --keep.
 """
 
@@ -41,14 +44,18 @@ PAPER_N = 21_015_300
 DIM = 768
 SHARD = 500_000
 CONFIG = "configs/index/wiki-dpr-import.yaml"
-ROW_BYTES = 2 * DIM * 2 + 64 + 8 + 160  # source + index float16 vectors, PQ code, list id, passage text (twice)
 HEADROOM = 6 * 2**30  # index checkpoints (two IVF-PQ files at once) and temporaries
-SETTINGS = [(64, 256), (128, 256), (128, 512), (256, 512), (256, 1024)]  # (nprobe, rerank) searched
+SETTINGS = "64:256,128:256,128:512,256:512,256:1024"  # nprobe:rerank searched
 
 
-def rows_that_fit(free: int, wanted: int) -> int:
+def row_bytes(pq_m: int) -> int:
+    """Disk a passage takes: source + index float16 vectors, its PQ code, list id, passage text (twice)."""
+    return 2 * DIM * 2 + pq_m + 8 + 160
+
+
+def rows_that_fit(free: int, wanted: int, pq_m: int = 64) -> int:
     """--n where the disk holds it, else the largest whole million that fits."""
-    fit = (free - HEADROOM) // ROW_BYTES
+    fit = (free - HEADROOM) // row_bytes(pq_m)
     return wanted if fit >= wanted else int(fit // 1_000_000 * 1_000_000)
 
 
@@ -112,7 +119,16 @@ def memory() -> dict:
     return fields
 
 
-def search_worker(folder: Path, work: Path, hold: bool) -> None:
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """"128:256,128:1024" -> [(128, 256), (128, 1024)]: the nprobe / re-rank pairs searched."""
+    try:
+        return [(int(a), int(b)) for a, b in (pair.split(":") for pair in text.split(","))]
+    except ValueError:
+        wanted = f"--settings wants nprobe:rerank pairs separated by commas, like {SETTINGS}"
+        raise SystemExit(f"{wanted}; got {text!r}") from None
+
+
+def search_worker(folder: Path, work: Path, hold: bool, settings: str) -> None:
     """Load the folder, search every setting, print one JSON line; with `hold`, stay loaded until stdin closes."""
     from rag.retrieval.index import DenseIndex
 
@@ -120,7 +136,7 @@ def search_worker(folder: Path, work: Path, hold: bool) -> None:
     t = time.perf_counter()
     index = DenseIndex.load(folder)
     out = {"load_s": time.perf_counter() - t, "after_load": memory(), "settings": []}
-    for nprobe, rerank in SETTINGS:
+    for nprobe, rerank in parse_settings(settings):
         index = DenseIndex.load(folder, nprobe=nprobe, rerank=rerank)
         row = {"nprobe": nprobe, "rerank": rerank}
         for k in (10, 100):
@@ -183,31 +199,16 @@ def worker(args: list[str], hold: bool = False):
                             text=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=PAPER_N, help="passages (default: DPR's 21,015,300)")
-    ap.add_argument("--workdir", default="bench-scale", help="where the source and the index go (default: %(default)s)")
-    ap.add_argument("--config", default=CONFIG, help="the import config (default: %(default)s)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an import config key")
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--keep", action="store_true", help="keep the generated source and the index")
-    ap.add_argument("--search-worker", nargs=2, metavar=("FOLDER", "WORK"), help=argparse.SUPPRESS)
-    ap.add_argument("--e2e-worker", nargs=2, metavar=("FOLDER", "WORK"), help=argparse.SUPPRESS)
-    ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.search_worker:
-        return search_worker(Path(args.search_worker[0]), Path(args.search_worker[1]), args.hold)
-    if args.e2e_worker:
-        return e2e_worker(Path(args.e2e_worker[0]), Path(args.e2e_worker[1]))
+def build(args: argparse.Namespace, work: Path, src: Path, folder: Path) -> dict:
+    """Steps 1-3: check the disk, generate the source, import it and verify the folder; their figures."""
+    from rag.config import BuildConfig, load_config
 
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    src, folder = work / "source", work / "index"
     have = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
     free = shutil.disk_usage(work).free + have
-    n = rows_that_fit(free, args.n)
+    pq_m = load_config(BuildConfig, args.config, args.set).index.pq_m
+    n = rows_that_fit(free, args.n, pq_m)
     print(f"# bench_scale: {machine()}; {time.strftime('%Y-%m-%d')}\n# disk at {work}: {free / 1e9:.1f} GB free for "
-          f"this run, {ROW_BYTES * args.n / 1e9 + HEADROOM / 1e9:.1f} GB needed for {args.n:,} passages")
+          f"this run, {row_bytes(pq_m) * args.n / 1e9 + HEADROOM / 1e9:.1f} GB needed for {args.n:,} passages")
     if n < args.n:
         print(f"# the disk holds {n:,} passages, not {args.n:,}: running at {n:,} (times scale about linearly)")
     if n < min(args.n, 1_000_000):
@@ -226,18 +227,47 @@ def main() -> None:
                    **{"  of which training_s": built.get("index_training_seconds")})
     seconds, peak, _ = run_module("index_builder", ["verify", str(folder)])
     figures.update(verify_s=seconds, verify_peak_mib=peak)
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=PAPER_N, help="passages (default: DPR's 21,015,300)")
+    ap.add_argument("--workdir", default="bench-scale", help="where the source and the index go (default: %(default)s)")
+    ap.add_argument("--config", default=CONFIG, help="the import config (default: %(default)s)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an import config key")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--keep", action="store_true", help="keep the generated source and the index")
+    ap.add_argument("--settings", default=SETTINGS, help="nprobe:rerank pairs searched (default: %(default)s)")
+    ap.add_argument("--search-only", action="store_true",
+                    help="search a kept --workdir again (steps 4-6) without generating or importing")
+    ap.add_argument("--search-worker", nargs=2, metavar=("FOLDER", "WORK"), help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-worker", nargs=2, metavar=("FOLDER", "WORK"), help=argparse.SUPPRESS)
+    ap.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.search_worker:
+        return search_worker(Path(args.search_worker[0]), Path(args.search_worker[1]), args.hold, args.settings)
+    if args.e2e_worker:
+        return e2e_worker(Path(args.e2e_worker[0]), Path(args.e2e_worker[1]))
+
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    src, folder = work / "source", work / "index"
+    figures = {} if args.search_only else build(args, work, src, folder)
 
     from benchmarks.bench_index import mixture
 
-    queries = mixture(args.queries, DIM, seed=7)
-    np.save(work / "queries.npy", queries)
-    t = time.perf_counter()
-    np.save(work / "truth.npy", exact_top(folder / "vectors.npy", queries))
-    figures["exact_s"] = time.perf_counter() - t
+    if not (args.search_only and (work / "truth.npy").is_file()):  # the same queries: the truth kept is theirs
+        queries = mixture(args.queries, DIM, seed=7)
+        np.save(work / "queries.npy", queries)
+        t = time.perf_counter()
+        np.save(work / "truth.npy", exact_top(folder / "vectors.npy", queries))
+        figures["exact_s"] = time.perf_counter() - t
 
-    first = worker(["--search-worker", str(folder), str(work), "--hold"], hold=True)
+    searching = ["--search-worker", str(folder), str(work), "--settings", args.settings]
+    first = worker([*searching, "--hold"], hold=True)
     one = json.loads(first.stdout.readline())
-    second = worker(["--search-worker", str(folder), str(work)])
+    second = worker(searching)
     two = json.loads(second.communicate()[0])
     first.communicate("")
     write_models(work)
