@@ -274,7 +274,7 @@ def main() -> None:
     e2e = worker(["--e2e-worker", str(folder), str(work)])
     end = json.loads(e2e.communicate()[0])
     report(figures, one, two, end)
-    if not args.keep:
+    if not (args.keep or args.search_only):  # a search-only run leaves what it found as it was
         shutil.rmtree(work)
 
 
