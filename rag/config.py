@@ -200,7 +200,9 @@ class FusionConfig:
     """How hybrid retrieval merges the dense and the BM25 candidates (rag/retrieval/fusion.py)."""
 
     method: Literal["rrf", "sum"] = "sum"  # reciprocal-rank fusion, or a weighted sum of min-max-normalised scores
-    bm25_weight: float = within(0, 1, 0.3)  # sum: the BM25 side's weight (the dense side has 1 - this)
+    # sum: the BM25 side's weight (the dense side has 1 - this); 0.2 was best of 0.1-0.5 on questions never evaluated
+    # (benchmarks/bench_retrieval.py's tuning; docs/results.md, "Retrieval modes")
+    bm25_weight: float = within(0, 1, 0.2)
     depth: int = within(1, None, 100)  # candidates taken from each side before fusing
     rrf_k: int = within(0, None, 60)  # rrf: score = Σ rrf_k / (rrf_k + rank) over the sides that found the passage
 

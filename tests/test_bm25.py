@@ -193,7 +193,7 @@ def test_fused_scores_in_dense_units_keep_the_dense_gaps():
     dense_ids = np.array([[4, 7, 9, -1]])
     dense_scores = np.array([[0.62, 0.41, 0.30, -np.inf]], np.float32)
     none = np.full((1, 4), -1)
-    fused = fuse(dense_ids, dense_scores, none, np.full((1, 4), -np.inf), 3, "sum", 0.2)
+    fused = fuse(dense_ids, dense_scores, none, np.full((1, 4), -np.inf), 3, "sum", 0.2, 60)
     got = in_dense_units(fused, dense_scores, "sum", 0.2, 60, 4)[0]
     assert np.allclose(got - got[0], dense_scores[0, :3] - dense_scores[0, 0], atol=1e-6)
 

@@ -35,8 +35,9 @@ def _side(ids: np.ndarray, scores: np.ndarray, method: str, rrf_k: int) -> list[
 
 
 def fuse(dense_ids: np.ndarray, dense_scores: np.ndarray, bm25_ids: np.ndarray, bm25_scores: np.ndarray, k: int,
-         method: str = "sum", bm25_weight: float = 0.3, rrf_k: int = 60) -> Fused:
-    """The top k of the union of both sides' candidates by fused score (ties: dense rank first, then row)."""
+         method: str, bm25_weight: float, rrf_k: int) -> Fused:
+    """The top k of the union of both sides' candidates by fused score (ties: dense rank first, then row); the
+    settings are FusionConfig's."""
     weights = (1.0, 1.0) if method == "rrf" else (1.0 - bm25_weight, bm25_weight)
     sides = (_side(dense_ids, dense_scores, method, rrf_k), _side(bm25_ids, bm25_scores, method, rrf_k))
     Q = len(dense_ids)
