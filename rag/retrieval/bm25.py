@@ -10,6 +10,7 @@ tokenised from that record, never from a config that could disagree with it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -53,9 +54,11 @@ def stemmer(language: str):
     return Stemmer.Stemmer(language)
 
 
+@functools.cache
 def _bm25s():
-    """The bm25s module, its logger handed back to the logging config: bm25s sets it to DEBUG when imported, so
-    every build printed "Building index from IDs objects" whatever level a program had chosen."""
+    """The bm25s module, its logger handed back to the logging config once: bm25s sets it to DEBUG when imported, so
+    every build printed "Building index from IDs objects" whatever level a program had chosen. Cached: a search
+    tokenises every question through here, and setLevel clears the cache of every logger."""
     import bm25s
 
     logging.getLogger("bm25s").setLevel(logging.NOTSET)
