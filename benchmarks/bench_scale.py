@@ -53,7 +53,7 @@ def row_bytes(pq_m: int) -> int:
     return 2 * DIM * 2 + pq_m + 8 + 160
 
 
-def rows_that_fit(free: int, wanted: int, pq_m: int = 64) -> int:
+def rows_that_fit(free: int, wanted: int, pq_m: int) -> int:
     """--n where the disk holds it, else the largest whole million that fits."""
     fit = (free - HEADROOM) // row_bytes(pq_m)
     return wanted if fit >= wanted else int(fit // 1_000_000 * 1_000_000)
