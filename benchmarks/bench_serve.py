@@ -188,10 +188,10 @@ def main() -> None:
     ap.add_argument("--overload-seconds", type=float, default=20)
     ap.add_argument("--parts", default="throughput,swap,overload")
     args = ap.parse_args()
+    from rag.files import expand_path
     from rag.first_use import ensure_index
     from rag.pipeline import load_rag_config
     from rag.qa_data import read_qa
-    from rag.weights import expand_path
 
     questions = [e.question for e in read_qa(NQ_DEV)[:200]]
     cfg = load_rag_config(None)

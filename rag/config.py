@@ -20,6 +20,7 @@ from rag.config_files import (  # noqa: F401 - importable from here, as everywhe
     to_dict,
 )
 from rag.errors import ConfigError, RagError  # noqa: F401 - ConfigError importable from here
+from rag.files import expand_path
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ def configs_dir() -> Path:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file or folder as given; else one shipped with the package ("configs/rag/demo.yaml",
-    "rag/demo.yaml", "configs/adapters/demo/generator")."""
-    p = Path(path).expanduser()
+    """A config file or folder as given (${RAG_CACHE} and ~ expanded); else one shipped with the package
+    ("configs/rag/demo.yaml", "rag/demo.yaml", "configs/adapters/demo/generator")."""
+    p = expand_path(path)
     if p.exists() or p.is_absolute():
         return p
     parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts

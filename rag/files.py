@@ -1,5 +1,6 @@
-"""Writing files without following links: every write goes to a fresh temporary created with O_EXCL | O_NOFOLLOW,
-then replaces its target in one rename (a link at the target is replaced, never written through)."""
+"""Files and the paths configs name. Writing never follows links: every write goes to a fresh temporary created
+with O_EXCL | O_NOFOLLOW, then replaces its target in one rename (a link at the target is replaced, never written
+through). A configured path expands ${RAG_CACHE}; a folder of weights with a pickle file in it is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
+
+from rag.errors import ConfigError
 
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # what `fresh_temp` names; the sweep removes leftovers
 
@@ -95,7 +98,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 
-
 def map_rows(path: Path):
     """A read-only memory map of a 2-d .npy for random row reads (the exact re-rank's candidates): the kernel is
     told so (MADV_RANDOM), else every 1.5 kB row it faults in drags its readahead window (128 kB or more) along,
@@ -173,3 +175,28 @@ class NpyRows:
 
     def sync(self) -> None:
         os.fsync(self.fd)
+
+
+def cache_dir() -> Path:
+    """The one cache root: converted models under models/, the demo indexes under indexes/ ($RAG_CACHE moves both)."""
+    return Path(os.environ.get("RAG_CACHE") or "~/.cache/rag").expanduser()
+
+
+def expand_path(path: str | Path) -> Path:
+    """A configured path with ${RAG_CACHE} (the cache root) and ~ expanded."""
+    return Path(str(path).replace("${RAG_CACHE}", str(cache_dir()))).expanduser()
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickle(folder: Path, key: str) -> None:
+    """A local model or adapter folder is read from safetensors only: a pickle file (pytorch_model.bin,
+    adapter_model.bin) can run code when loaded, and transformers or peft would fall back to it."""
+    if not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        raise ConfigError(f"{key}: {folder / found[0]} is a pickle file, which can run code when loaded; this project "
+                          "reads safetensors only: convert it where you trust it (load, then save_pretrained "
+                          "writes safetensors) and remove the pickle file")

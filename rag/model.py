@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rag.config import DecodingConfig
+from rag.config import DecodingConfig, EncoderConfig, RagConfig
 from rag.generation import decoding, marginal
-from rag.generation.generator import Contexts, Generator
+from rag.generation.generator import Contexts, Generator, load_generator
 from rag.metrics import passage_has_answer
 from rag.retrieval.retriever import Retrieved, Retriever
 
@@ -47,6 +47,15 @@ class RagModel(nn.Module):
         self.retriever = retriever
         self.generator = generator
         self.prior_scale = prior_scale  # p(z|x) = softmax(prior_scale · d(z)ᵀq(x))
+
+    @classmethod
+    def load(cls, cfg: RagConfig, precision: str) -> tuple[RagModel, EncoderConfig]:
+        """The retriever (the index and BERT_q, checked against each other before the generator loads), then the
+        generator, on `cfg.device` with the weights in the dtype of `precision`. Returns the model and the query
+        encoder's config."""
+        retriever, qcfg = Retriever.load(cfg, precision)
+        generator = load_generator(cfg.generator).place(cfg.device, precision)
+        return cls(retriever, generator, cfg.prior_scale), qcfg
 
     def doc_logprobs(self, doc_scores: torch.Tensor) -> torch.Tensor:
         return marginal.doc_logprobs(doc_scores, self.prior_scale)

@@ -27,14 +27,13 @@ from rag.config import (
     to_dict,
 )
 from rag.errors import BadInput, BadType
-from rag.generation.generator import load_generator
 from rag.metrics import passage_has_answer
 from rag.model import RagModel
 from rag.precision import name_of
 from rag.resolve import load_rag_config  # noqa: F401 - importable from here, as the README shows
 from rag.retrieval.index import DenseIndex
 from rag.retrieval.index_folder import IndexFolder
-from rag.retrieval.retriever import NonFinite, Retrieved, Retriever, check_questions
+from rag.retrieval.retriever import NonFinite, Retrieved, check_questions
 from rag.weights import quiet_bars
 
 log = logging.getLogger(__name__)
@@ -123,9 +122,8 @@ class RagPipeline:
         the precision to serve with."""
         cfg = load_rag_config(source, tuple(overrides))
         weights = "float32" if trainable else cfg.precision
-        retriever, qcfg = Retriever.load(cfg, weights)
-        generator = load_generator(cfg.generator).place(cfg.device, weights)
-        return cls(RagModel(retriever, generator, cfg.prior_scale), dataclasses.replace(cfg, query_encoder=qcfg))
+        model, qcfg = RagModel.load(cfg, weights)
+        return cls(model, dataclasses.replace(cfg, query_encoder=qcfg))
 
     @classmethod
     def from_transformers(cls, source: str | Path, index: str | Path, overrides: tuple[str, ...] = (),

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from rag.config import ConfigError
+from rag.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from rag.adapters import ADAPTER_CONFIG
 from rag.config import (
     SAVED_CONFIG,
     ConfigError,
@@ -17,6 +16,7 @@ from rag.config import (
     resolve_config_path,
     to_dict,
 )
+from rag.weights import ADAPTER_CONFIG
 
 DEFAULT_CONFIG = "configs/rag/demo.yaml"
 

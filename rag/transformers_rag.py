@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from rag.config import SAVED_CONFIG, ConfigError, DecodingConfig, EncoderConfig, GeneratorConfig, RagConfig, save_config
-from rag.weights import cache_dir, loading, quiet_bars, resolve
+from rag.files import cache_dir
+from rag.weights import loading, quiet_bars, resolve
 
 log = logging.getLogger(__name__)
 

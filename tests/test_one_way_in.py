@@ -197,8 +197,8 @@ def test_shipped_configs_resolve_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_cache_root_moves_models_and_indexes(monkeypatch, tmp_path):
+    from rag.files import cache_dir
     from rag.retrieval.index_folder import IndexFolder
-    from rag.weights import cache_dir
 
     monkeypatch.setenv("RAG_CACHE", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache"
@@ -266,8 +266,8 @@ def test_the_default_ships_its_adapters():
     models it names."""
     import json
 
-    from rag.adapters import adapter_folder
     from rag.config import RagConfig, load_config, resolve_config_path
+    from rag.weights import adapter_folder
 
     cfg = load_config(RagConfig, resolve_config_path("configs/rag/demo.yaml"))
     total = 0

@@ -93,7 +93,7 @@ def test_pickle_weights_are_refused_in_one_line(tmp_path, tiny_bert, what):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModel
 
-        from rag.adapters import merge_adapter
+        from rag.weights import merge_adapter
 
         folder = tmp_path / "adapter"
         get_peft_model(AutoModel.from_pretrained(tiny_bert), LoraConfig(r=2, target_modules=["query"])) \

@@ -28,7 +28,7 @@ def load_generator(cfg: GeneratorConfig) -> Generator:
             auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
             model = auto.from_pretrained(path, dtype=torch.float32)
     if cfg.adapter:
-        from rag.adapters import merge_adapter
+        from rag.weights import merge_adapter
 
         model = merge_adapter(model, cfg.adapter, "generator.adapter")
     return (Seq2SeqGenerator if seq2seq else CausalGenerator)(model.eval(), tokenizer, cfg)

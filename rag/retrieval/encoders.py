@@ -70,7 +70,7 @@ class Encoder(Placed, nn.Module):
             model = getattr(model, "question_encoder", None) or model.ctx_encoder
             model = getattr(model, "bert_model", model)
         if cfg.adapter:
-            from rag.adapters import merge_adapter
+            from rag.weights import merge_adapter
 
             model = merge_adapter(model, cfg.adapter, "query_encoder.adapter")
         enc = cls(model, tokenizer, cfg)

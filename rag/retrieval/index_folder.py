@@ -28,8 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rag.errors import RagError
-from rag.files import TEMP_NAME, parse_json, write_json_atomic
-from rag.weights import expand_path
+from rag.files import TEMP_NAME, expand_path, parse_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
