@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fusion", nargs="*", default=None, metavar="KEY=VALUE",
                     help="skip the tuning and use this fusion (e.g. fusion.method=sum fusion.bm25_weight=0.2)")
     ap.add_argument("--answers", type=int, default=0, help="also exact match over the first N of each set")
-    ap.add_argument("--adapter", default=None, help="a BERT_q adapter to compare too (e.g. trained with BM25 hard "
-                                                    "negatives: rag-train with rag_set retrieval=hybrid)")
+    ap.add_argument("--adapter", action="append", default=[], metavar="LABEL=PATH",
+                    help="a BERT_q adapter to compare too, dense and hybrid, under LABEL (e.g. 'BM25 hard "
+                         "negatives=runs/demo-hardneg-lora/final/query_encoder'); repeatable")
     args = ap.parse_args(argv)
     from eval.qa import answerable
     from rag.first_use import load_pipeline
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             "hybrid, base BERT_q": ("query_encoder.adapter=null", "retrieval=hybrid", *fusion),
             "hybrid, trained BERT_q": ("retrieval=hybrid", *fusion),
         }
-        if args.adapter:
-            rows["dense, BERT_q with BM25 hard negatives"] = (f"query_encoder.adapter={args.adapter}",)
-            rows["hybrid, BERT_q with BM25 hard negatives"] = (f"query_encoder.adapter={args.adapter}",
-                                                               "retrieval=hybrid", *fusion)
+        for entry in args.adapter:
+            label, _, path = entry.rpartition("=")
+            label = label or path
+            rows[f"dense, BERT_q: {label}"] = (f"query_encoder.adapter={path}",)
+            rows[f"hybrid, BERT_q: {label}"] = (f"query_encoder.adapter={path}", "retrieval=hybrid", *fusion)
         report = {}
         for row, overrides in rows.items():
             pipe = RagPipeline.load(None, (f"index={index}", *overrides))
