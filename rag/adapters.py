@@ -17,6 +17,7 @@ from rag.weights import ADAPTER_CONFIG, quiet_peft
 
 log = logging.getLogger(__name__)
 
+
 def add_lora(model: nn.Module, settings: LoraSettings, modules: tuple[str, ...], key: str) -> nn.Module:
     """`model` wrapped with fresh LoRA layers on `modules` (only they train); `save_pretrained` then writes
     only the adapter."""

@@ -216,11 +216,12 @@ def merge_adapter(model, path: str | Path, key: str):
     from rag.config import ConfigError
 
     folder = adapter_folder(path, key)
-    # the LoraConfig from the keys this peft knows: one saved by a newer peft (the shipped adapters) loads on the
-    # oldest supported one without a warning about keys it ignores anyway
-    record = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    config = LoraConfig(**{k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(LoraConfig)}})
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
     try:
+        # the LoraConfig from the keys this peft knows: one saved by a newer peft (the shipped adapters) loads on
+        # the oldest supported one without a warning about keys it ignores anyway
+        record = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config = LoraConfig(**{k: v for k, v in record.items() if k in known})
         with quiet_peft():
             merged = PeftModel.from_pretrained(model, str(folder), config=config).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
