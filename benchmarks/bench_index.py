@@ -25,7 +25,9 @@ from rag.config import IndexConfig
 from rag.retrieval.index import DenseIndex, build_faiss, set_search_params
 
 
-def mixture(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk: int = 50_000) -> np.ndarray:
+def mixture(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk: int = 50_000,
+            clusters: int = 1000) -> np.ndarray:
+    """n points of the mixture (its 1,000 clusters fixed by one seed), drawn from its first `clusters` clusters."""
     model = np.random.default_rng(1234)
     centres = model.normal(size=(1000, dim)).astype(np.float32)
     basis = model.normal(size=(64, dim)).astype(np.float32) / 16
@@ -33,7 +35,7 @@ def mixture(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk: i
     out = np.empty((n, dim), np.float32) if out is None else out
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        out[s : s + m] = (centres[rng.integers(0, len(centres), m)] + rng.normal(size=(m, 64)).astype(np.float32)
+        out[s : s + m] = (centres[rng.integers(0, clusters, m)] + rng.normal(size=(m, 64)).astype(np.float32)
                           @ basis + 0.05 * rng.normal(size=(m, dim)).astype(np.float32))
     return out
 
