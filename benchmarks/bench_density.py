@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per", type=int, default=21_015, help="passages a cluster (the 21M run's density)")
     ap.add_argument("--clusters", type=int, default=10, help="clusters in the set")
     ap.add_argument("--config", default="configs/index/wiki-dpr-import.yaml", help="whose index settings to use")
+    ap.add_argument("--opq", action="store_true", help="rotate the vectors before the codes (faiss's OPQ, learnt in "
+                                                       "training): a lever the index config does not have")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(2)
     cfg = load_config(BuildConfig, resolve_config_path(args.config)).index
@@ -63,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         sample = x[np.random.default_rng(0).choice(len(x), min(len(x), 100_000), replace=False)] if own else \
             mixture(int(entry), DIM, seed=99).astype(np.float16).astype(np.float32)
         kind = kind_of(cfg)
-        index = faiss.index_factory(DIM, kind.factory(dataclasses.replace(cfg, nlist=nlist)),
-                                    faiss.METRIC_INNER_PRODUCT)
+        factory = (f"OPQ{cfg.pq_m}," if args.opq else "") + kind.factory(dataclasses.replace(cfg, nlist=nlist))
+        index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
         t = time.perf_counter()
         index.train(sample)
         seconds = time.perf_counter() - t
         kind.configure_add(index, cfg)
         index.add(x)
         kind.set_search(index, cfg)
-        row = {"trained on": f"{f'own {len(sample)}' if own else entry + ' of the mixture'}, nlist {nlist}",
+        row = {"index": factory, "trained on": f"{f'own {len(sample)}' if own else entry + ' of the mixture'}",
                "train_s": round(seconds)}
         for r in RERANKS:
             r10, r100 = recalls(index, x, q, truth, r)
