@@ -1,7 +1,7 @@
 """Why the 21M benchmark ranks worse than its density says: a set at its density, indexed with what it learnt itself
 or with what the whole mixture teaches.
 
-    python -m benchmarks.bench_density [--train own 200000 1000000] [--per 21015] [--clusters 10]
+    python -m benchmarks.bench_density [--train own 200000 1000000] [--per 21015] [--clusters 10] [--set index.opq=true]
 
 The set is `clusters` of bench_scale's 1,000 mixture clusters with `per` passages each (21,015: the 21M run's
 density), 200 queries from the same clusters. Each `--train` entry builds the 21M config's IVF-PQ
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per", type=int, default=21_015, help="passages a cluster (the 21M run's density)")
     ap.add_argument("--clusters", type=int, default=10, help="clusters in the set")
     ap.add_argument("--config", default="configs/index/wiki-dpr-import.yaml", help="whose index settings to use")
-    ap.add_argument("--opq", action="store_true", help="rotate the vectors before the codes (faiss's OPQ, learnt in "
-                                                       "training): a lever the index config does not have")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of that config (e.g. index.opq=true, index.pq_m=64)")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(2)
-    cfg = load_config(BuildConfig, resolve_config_path(args.config)).index
+    cfg = load_config(BuildConfig, resolve_config_path(args.config), tuple(args.set)).index
     x = mixture(args.clusters * args.per, DIM, seed=1, clusters=args.clusters).astype(np.float16).astype(np.float32)
     q = mixture(QUERIES, DIM, seed=7, clusters=args.clusters)
     truth = np.argsort(-(q @ x.T), axis=1)[:, :100]
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = x[np.random.default_rng(0).choice(len(x), min(len(x), 100_000), replace=False)] if own else \
             mixture(int(entry), DIM, seed=99).astype(np.float16).astype(np.float32)
         kind = kind_of(cfg)
-        factory = (f"OPQ{cfg.pq_m}," if args.opq else "") + kind.factory(dataclasses.replace(cfg, nlist=nlist))
+        factory = kind.factory(dataclasses.replace(cfg, nlist=nlist))
         index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
         t = time.perf_counter()
         index.train(sample)

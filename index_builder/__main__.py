@@ -40,6 +40,7 @@ config keys (YAML, only what differs from the defaults; --set takes the same dot
   index.hnsw_m, index.ef_construction, index.ef_search
   index.nlist, index.pq_m, index.nbits, index.nprobe, index.train_size
   index.coarse               ivfpq: flat | hnsw (an HNSW graph over the centroids: for millions of passages)
+  index.opq                  ivfpq: true rotates the vectors before the codes (faiss's OPQ, learnt in training)
   index.rerank               exact re-rank of this many approximate candidates (0: off)
   index.use_gpu              search on a GPU with faiss-gpu
   index.shard_size           passages per encoding shard (the unit of resume)

@@ -24,7 +24,7 @@ from index_builder.build import build_sparse
 from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
 from rag.errors import RagError
 from rag.files import open_npy, save_npy, write_faiss, writing
-from rag.index_kinds import kind_of
+from rag.index_kinds import coarse_space, kind_of
 from rag.retrieval import bm25
 from rag.retrieval.encoders import Encoder
 from rag.retrieval.index import DenseIndex, augment, build_faiss, factory_string
@@ -87,7 +87,7 @@ def _drift_warning(index: faiss.Index, cfg: IndexConfig, old_sample: np.ndarray,
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, D)
 
     def spread(x):  # mean distance to the assigned centroid: what PQ has to encode
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = coarse_space(index, np.ascontiguousarray(x, dtype=np.float32))
         _, assigned = ivf.quantizer.search(x, 1)
         return float(np.linalg.norm(x - centroids[assigned[:, 0]], axis=1).mean())
 

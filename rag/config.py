@@ -113,6 +113,9 @@ class IndexConfig:
     coarse: Literal["flat", "hnsw"] = "flat"
     pq_m: int = within(1, None, 64)
     nbits: int = within(1, 16, 8)
+    # ivfpq: rotate the vectors before they are coded (faiss's OPQ, learnt in training with the codebooks), so that
+    # each sub-quantiser sees a balanced share of the variance; inner products are unchanged.
+    opq: bool = False
     nprobe: int = within(1, None, 32)
     train_size: int = within(1, None, 100_000)
     # Re-rank this many approximate candidates per query with exact scores from the stored vectors (0: off).

@@ -178,7 +178,9 @@ class IVFPQ(IndexKind):
         # coarse=hnsw: the nlist centroids are searched through an HNSW graph (as transformers' compressed wiki_dpr
         # index): assigning 21M vectors to 16,384 centroids takes a third of the flat quantiser's time.
         coarse = f"_HNSW{COARSE_HNSW_M}" if cfg.coarse == "hnsw" else ""
-        return f"IVF{cfg.nlist}{coarse},PQ{cfg.pq_m}x{cfg.nbits}np"  # np: no polysemous training, unused by search
+        rotate = f"OPQ{cfg.pq_m}," if cfg.opq else ""
+        # np: no polysemous training (unused by search)
+        return f"{rotate}IVF{cfg.nlist}{coarse},PQ{cfg.pq_m}x{cfg.nbits}np"
 
     def configure_add(self, index: faiss.Index, cfg) -> None:
         _coarse_ef(index, COARSE_EF_ADD)
@@ -207,6 +209,16 @@ class IVFPQ(IndexKind):
         import faiss
 
         return faiss.SearchParametersIVF(sel=selector, nprobe=cfg.nprobe)
+
+
+def coarse_space(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """(N, D) vectors as an IVF index's coarse quantiser sees them: through its pre-transforms (OPQ's rotation)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    return x
 
 
 COARSE_HNSW_M = 32  # links per centroid in an HNSW coarse quantiser

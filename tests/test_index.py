@@ -30,6 +30,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
         (IndexConfig(type="flat"), 1.0),
         (IndexConfig(type="hnsw", hnsw_m=16, ef_construction=64, ef_search=64), 0.9),
         (IndexConfig(type="ivfpq", nlist=16, pq_m=8, nprobe=8), 0.3),
+        (IndexConfig(type="ivfpq", nlist=16, pq_m=8, nprobe=8, opq=True), 0.3),
     ],
 )
 def test_each_type_against_brute_force(cfg, floor):

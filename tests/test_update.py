@@ -15,13 +15,14 @@ from tests.conftest import long_docs, write_jsonl
 
 TYPES = {"flat": [], "hnsw": ["index.hnsw_m=16", "index.ef_search=200"],
          "ivfpq": ["index.nlist=4", "index.pq_m=8", "index.nprobe=4", "index.rerank=100"]}
+TYPES["ivfpq-opq"] = [*TYPES["ivfpq"], "index.nbits=4", "index.opq=true"]  # a rotation before the codes
 
 
 def make(tmp_path, tiny_bert, docs, name, kind="flat"):
     corpus = write_jsonl(tmp_path / f"{name}.jsonl", docs)
     cfg = load_config(BuildConfig, None, [f"output={tmp_path / name}", f"corpus.path={corpus}",
                                           f"encoder.name={tiny_bert}", "passages.words=30", "passages.stride=20",
-                                          f"index.type={kind}", *TYPES[kind]])
+                                          f"index.type={kind.split('-')[0]}", *TYPES[kind]])
     return build(cfg, progress=False)
 
 
@@ -30,7 +31,7 @@ def top_ids(index: DenseIndex, queries: np.ndarray, k: int = 5) -> list[list[str
     return [[p.id for p in index.passages(row)] for row in res.ids]
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "ivfpq-opq"])
 def test_add_replace_delete_equals_a_fresh_build(tmp_path, tiny_bert, kind):
     docs = long_docs(40)
     base = make(tmp_path, tiny_bert, docs[:30], "base", kind)
