@@ -20,7 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.common import machine, matmul_gflops, rss_mib, table
+from benchmarks.common import machine, matmul_gflops, recall_at, rss_mib, table
 from rag.config import IndexConfig
 from rag.retrieval.index import DenseIndex, build_faiss, set_search_params
 
@@ -95,7 +95,7 @@ def main() -> None:
         if name == "flat":
             truth, flat_qps, flat_size = ids, qps, path.stat().st_size
         del index, raw
-        rec = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)]))
+        rec = recall_at(ids, truth, 10)
         rows.append({"index": f"{name} ({_params(cfg)})", "recall@10": rec, "queries/s": qps,
                      "x flat qps": qps / flat_qps, "file MiB": path.stat().st_size / 2**20,
                      "file / flat": path.stat().st_size / flat_size, "resident MiB": mem,

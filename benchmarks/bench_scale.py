@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, run_module, table
+from benchmarks.common import machine, recall_at, run_module, table
 
 PAPER_N = 21_015_300
 DIM = 768
@@ -145,7 +145,7 @@ def search_worker(folder: Path, work: Path, hold: bool, settings: str) -> None:
             t = time.perf_counter()
             ids = np.concatenate([index.search(queries[s : s + 50], k).ids for s in range(0, len(queries), 50)])
             row[f"qps@{k}"] = len(queries) / (time.perf_counter() - t)
-            row[f"recall@{k}"] = float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(ids, truth, strict=True)]))
+            row[f"recall@{k}"] = recall_at(ids, truth, k)
         out["settings"].append(row)
     out["after_search"] = memory()
     print(json.dumps(out), flush=True)
