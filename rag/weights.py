@@ -13,6 +13,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from rag.config import ConfigError, resolve_config_path
 from rag.files import cache_dir, refuse_pickle
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,6 @@ def quiet_bars():
 def loading(key: str, name: str):
     """Loading a model named by config key `key`: a missing folder, no network or a broken checkpoint is one
     ConfigError that says which and what to do."""
-    from rag.config import ConfigError
-
     # the folder a config names (someone else's, perhaps); a package's own folder is code installed like any other
     # (a hub snapshot may carry pytorch_model.bin beside model.safetensors, which transformers prefers); and the
     # name is not resolved a second time
@@ -199,8 +198,6 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's name; its presence marks a fold
 
 def adapter_folder(path: str | Path, key: str) -> Path:
     """The folder an `adapter:` setting names: a path as given, else one shipped with the package."""
-    from rag.config import ConfigError, resolve_config_path
-
     folder = resolve_config_path(path)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{key}={str(path)!r}: no {ADAPTER_CONFIG} there; give a folder written by training "
@@ -212,8 +209,6 @@ def adapter_folder(path: str | Path, key: str) -> Path:
 def merge_adapter(model, path: str | Path, key: str):
     """`model` with the LoRA adapter at `path` merged into its weights (a plain transformers model again)."""
     from peft import LoraConfig, PeftModel
-
-    from rag.config import ConfigError
 
     folder = adapter_folder(path, key)
     known = {f.name for f in dataclasses.fields(LoraConfig)}
