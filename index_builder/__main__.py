@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a malformed record: stop naming file:line (raise) or skip and count it")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the folder's build config (encoder settings must match the index); "
-                        "sparse.kind=bm25 adds a BM25 part, with or without other changes")
+                        "sparse.kind=bm25 adds a BM25 part, another sparse.* (k1, b, language, "
+                        "stopwords) rebuilds it, sparse.kind=none drops it; with or without other changes")
     u.add_argument("--quiet", action="store_true")
     c = sub.add_parser("compact", help="rewrite a folder without its deleted passages (a new generation)")
     c.add_argument("folder")

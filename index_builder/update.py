@@ -110,10 +110,13 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         where.sweep(manifest)
         files = where.layout(manifest)
         report = UpdateReport(generation=files["generation"] + 1)
-        cfg = _build_config(where.path, overrides)
+        record = manifest.get("sparse")  # the BM25 part's settings as built: `--set sparse.*` changes them
+        kept = tuple(f"sparse.{k}={v}" for k, v in asdict(bm25.config_of(record)).items()) if record else ()
+        cfg = _build_config(where.path, (*kept, *overrides))
         new_docs, removed_rows = _plan(current, Changes(add, replace, delete, fmt, on_error), report)
-        adds_bm25 = cfg.sparse.kind == "bm25" and not manifest.get("sparse")  # `--set sparse.kind=bm25`
-        if not new_docs and not report.deleted_docs and not adds_bm25:
+        # `--set sparse.kind=bm25` adds the part, another sparse setting rebuilds it, sparse.kind=none drops it
+        changes_bm25 = bool(record) != (cfg.sparse.kind == "bm25") or (record and cfg.sparse != bm25.config_of(record))
+        if not new_docs and not report.deleted_docs and not changes_bm25:
             log.warning("nothing to change in %s; it stays at generation %d", where.path, files["generation"])
             report.generation = files["generation"]  # no generation was written
             return report
@@ -126,10 +129,10 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         if passages:
             segment, index, index_settings = _add_segment(where, current, cfg, passages, index, report, progress)
             segments.append(segment)
-        sparse = manifest.get("sparse")
-        if adds_bm25 or (sparse and passages):  # BM25 in step with the dense part, over this generation's rows
+        sparse = record if cfg.sparse.kind == "bm25" else None
+        if cfg.sparse.kind == "bm25" and (changes_bm25 or passages):  # in step with the dense part's rows
             store = PassageStore([where.file(seg["store"]) for seg in segments])
-            sparse = build_sparse(where, report.generation, store, cfg.sparse if adds_bm25 else bm25.config_of(sparse))
+            sparse = build_sparse(where, report.generation, store, cfg.sparse)
         # no new rows: the part's files stay as they are; deleted rows are masked at load, as in FAISS
         new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, sparse,
                                          report, t0)

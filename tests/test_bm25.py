@@ -97,6 +97,17 @@ def test_an_update_adds_the_bm25_part_and_a_missing_part_is_one_error(tmp_path, 
     assert pipe.retrieve("capital of france", 2)[0][0].title == "Paris"
 
 
+def test_an_update_that_changes_a_bm25_setting_rebuilds_the_part_and_kind_none_drops_it(built):
+    """A `--set sparse.*` on an update used to be ignored ("nothing to change") once the folder had a BM25 part."""
+    update(built, overrides=("sparse.k1=0.9", "sparse.language=none"), progress=False)
+    record = DenseIndex.load(built, verify=True).manifest["sparse"]
+    assert (record["k1"], record["language"], record["files"]["data"]) == (0.9, "none", "bm25.g0001.data.npy")
+    assert update(built, overrides=("sparse.k1=0.9",), progress=False).generation == 1  # the same: no generation
+    update(built, overrides=("sparse.kind=none",), progress=False)
+    index = DenseIndex.load(built, verify=True)
+    assert index.manifest["sparse"] is None and index.bm25 is None
+
+
 def test_building_bm25_follows_the_programs_log_level(tmp_path, tiny_bert, caplog):
     """bm25s sets its logger to DEBUG when imported: a build printed "Building index from IDs objects" even under
     a program's quiet logging."""
