@@ -142,8 +142,19 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = _value(raw)
     return out
+
+
+def _value(raw: str) -> Any:
+    """A `--set` value as YAML (numbers, lists, null), or the text itself where it is no YAML value: a prompt like
+    "Passage: {text}" used to stop the program with a YAML scanner traceback."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -31,6 +31,16 @@ def test_overrides_parse_yaml_and_check_types():
         load_config(BuildConfig, None, ["index.nlist"])
 
 
+def test_an_override_that_is_no_yaml_value_is_its_text():
+    from rag.config import RagConfig
+
+    prompt = "Passage: {title}: {text}\nQuestion: {question}"  # "a: b: c" is no YAML scalar
+    cfg = load_config(RagConfig, None, ["index=x", f"generator.prompt_template={prompt}"])
+    assert cfg.generator.prompt_template == prompt
+    with pytest.raises(ConfigError, match="n_docs"):  # the text then meets the type check
+        load_config(RagConfig, None, ["index=x", "n_docs=[3"])
+
+
 def test_round_trip(tmp_path):
     cfg = load_config(BuildConfig, None, ["corpus.path=x.jsonl", "index.rerank=50"])
     save_config(cfg, tmp_path / "r.yaml")
