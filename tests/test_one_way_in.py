@@ -196,6 +196,22 @@ def test_shipped_configs_resolve_from_any_folder(tmp_path, monkeypatch):
     assert load_config(RagConfig, tmp_path / "x.yaml") == cfg
 
 
+def test_every_shipped_config_parses_and_every_train_config_names_a_rag_config_that_does():
+    """A key misspelt in a config nobody runs in the tests (a recipe, an import) fails here, not in a user's run."""
+    from pathlib import Path
+
+    from rag.config import BuildConfig, TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for kind, cls in (("rag", RagConfig), ("train", TrainConfig), ("index", BuildConfig)):
+        names = sorted((root / kind).glob("*.yaml"))
+        assert names, kind
+        for path in names:
+            cfg = load_config(cls, path)
+            if kind == "train":
+                load_rag_config(cfg.rag, cfg.rag_set)
+
+
 def test_cache_root_moves_models_and_indexes(monkeypatch, tmp_path):
     from rag.files import cache_dir
     from rag.retrieval.index_folder import IndexFolder
