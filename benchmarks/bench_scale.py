@@ -45,7 +45,7 @@ DIM = 768
 SHARD = 500_000
 CONFIG = "configs/index/wiki-dpr-import.yaml"
 HEADROOM = 6 * 2**30  # index checkpoints (two IVF-PQ files at once) and temporaries
-SETTINGS = "128:256,128:1024,128:2048,128:4096"  # nprobe:rerank searched (nprobe changed nothing from 64 to 256)
+SETTINGS = "16:768,32:512,32:640,32:768,128:1024"  # nprobe:rerank searched (the OPQ run's neighbourhood)
 
 
 def row_bytes(pq_m: int) -> int:
