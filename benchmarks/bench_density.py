@@ -10,7 +10,8 @@ on 100,000 of the set's own vectors with nlist scaled to 16 cells a cluster (as 
 N vectors of the whole 1,000-cluster mixture with the config's nlist, as the 21M import does (built with faiss
 from the config's factory string; k-means of 16,384 centroids on 1M vectors takes about half an hour on 2 cores).
 Searched through `DenseIndex.search` at the config's nprobe, the candidates re-ranked exactly from the vectors;
-recall@10 and @100 against exact search, by re-rank depth.
+recall@10 and @100 against exact search, by re-rank depth. docs/results.md's density figures were taken before the
+config shipped OPQ at nprobe 32: add `--set index.opq=false --set index.nprobe=128` to reproduce them.
 """
 
 from __future__ import annotations
