@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index_builder.build import build_sparse
-from rag.config import BuildConfig, CorpusConfig, IndexConfig, load_config
+from rag.config import BuildConfig, CorpusConfig, IndexConfig, SparseConfig, load_config
+from rag.config_files import apply_overrides, from_dict
 from rag.errors import RagError
 from rag.files import open_npy, save_npy, write_faiss, writing
 from rag.index_kinds import coarse_space, kind_of
@@ -54,6 +55,16 @@ class UpdateReport:
 
 def _build_config(folder: Path, overrides: tuple[str, ...]) -> BuildConfig:
     return load_config(BuildConfig, IndexFolder(folder).config_path, (f"output={folder}", *overrides))
+
+
+def _sparse_settings(record: dict | None, cfg: BuildConfig, overrides: tuple[str, ...]) -> SparseConfig:
+    """The BM25 part this update wants: the built part's settings (the manifest owns them; the folder's build config
+    may predate the part) with the `--set sparse.*` changes on top; the build config's where there is no part yet."""
+    if not record:
+        return cfg.sparse
+    changes = [o for o in overrides if o.strip().startswith("sparse.")]
+    merged = apply_overrides({"sparse": asdict(bm25.config_of(record))}, changes)["sparse"]
+    return from_dict(SparseConfig, merged, "--set sparse")
 
 
 def _read_docs(path: str | None, fmt: str, on_error: str, report: UpdateReport) -> list[Document]:
@@ -110,12 +121,13 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         where.sweep(manifest)
         files = where.layout(manifest)
         report = UpdateReport(generation=files["generation"] + 1)
-        record = manifest.get("sparse")  # the BM25 part's settings as built: `--set sparse.*` changes them
-        kept = tuple(f"sparse.{k}={v}" for k, v in asdict(bm25.config_of(record)).items()) if record else ()
-        cfg = _build_config(where.path, (*kept, *overrides))
+        cfg = _build_config(where.path, overrides)
+        record = manifest.get("sparse")
+        wanted = _sparse_settings(record, cfg, overrides)
+        wants_bm25 = wanted.kind == "bm25"
         new_docs, removed_rows = _plan(current, Changes(add, replace, delete, fmt, on_error), report)
         # `--set sparse.kind=bm25` adds the part, another sparse setting rebuilds it, sparse.kind=none drops it
-        changes_bm25 = bool(record) != (cfg.sparse.kind == "bm25") or (record and cfg.sparse != bm25.config_of(record))
+        changes_bm25 = bool(record) != wants_bm25 or bool(record) and wanted != bm25.config_of(record)
         if not new_docs and not report.deleted_docs and not changes_bm25:
             log.warning("nothing to change in %s; it stays at generation %d", where.path, files["generation"])
             report.generation = files["generation"]  # no generation was written
@@ -129,10 +141,10 @@ def update(folder: str | Path, add: str | None = None, replace: str | None = Non
         if passages:
             segment, index, index_settings = _add_segment(where, current, cfg, passages, index, report, progress)
             segments.append(segment)
-        sparse = record if cfg.sparse.kind == "bm25" else None
-        if cfg.sparse.kind == "bm25" and (changes_bm25 or passages):  # in step with the dense part's rows
+        sparse = record if wants_bm25 else None
+        if wants_bm25 and (changes_bm25 or passages):  # in step with the dense part's rows
             store = PassageStore([where.file(seg["store"]) for seg in segments])
-            sparse = build_sparse(where, report.generation, store, cfg.sparse)
+            sparse = build_sparse(where, report.generation, store, wanted)
         # no new rows: the part's files stay as they are; deleted rows are masked at load, as in FAISS
         new_manifest = _write_generation(where, current, segments, index, removed_rows, index_settings, sparse,
                                          report, t0)

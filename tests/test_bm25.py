@@ -108,6 +108,15 @@ def test_an_update_that_changes_a_bm25_setting_rebuilds_the_part_and_kind_none_d
     assert index.manifest["sparse"] is None and index.bm25 is None
 
 
+def test_an_update_keeps_the_built_bm25_settings_verbatim(tmp_path, tiny_bert):
+    """The part's settings come from the manifest as values, not re-read as YAML text: Norwegian stopwords "no" would
+    read back as False and stop every later update."""
+    folder = build(index_cfg(tmp_path, tiny_bert, "sparse.kind=bm25", "sparse.stopwords='no'"), progress=False)
+    update(folder, overrides=("sparse.k1=1.2",), progress=False)
+    record = DenseIndex.load(folder, verify=True).manifest["sparse"]
+    assert (record["stopwords"], record["k1"]) == ("no", 1.2)
+
+
 def test_building_bm25_follows_the_programs_log_level(tmp_path, tiny_bert, caplog):
     """bm25s sets its logger to DEBUG when imported: a build printed "Building index from IDs objects" even under
     a program's quiet logging."""
