@@ -212,6 +212,16 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class QueryTranslationConfig:
+    """Translate-test (rag/translate.py): a question asked in `source` is searched as itself plus its English
+    translation by `model`, so that the encoder and BM25 also see the English words of the passages; the reader still
+    reads the question as asked."""
+
+    source: str | None = None  # the language questions are asked in: pl, ru or pt; unset: searched as asked
+    model: str = "google/gemma-3-270m"  # a causal LM: GGUF packages' name, hub name or folder
+
+
+@dataclass(frozen=True)
 class RagConfig:
     """The query side: which index, BERT_q, generator, and how to decode."""
 
@@ -229,6 +239,7 @@ class RagConfig:
     # hybrid (both, fused as `fusion` says).
     retrieval: Literal["dense", "bm25", "hybrid"] = "dense"
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    query_translation: QueryTranslationConfig = field(default_factory=QueryTranslationConfig)
     # bm25: doc scores are BM25 scores times this before the prior's prior_scale (BM25 scores run to ~30).
     bm25_scale: float = within(1e-06, 1000000.0, 0.05)
     # p(z|x) = softmax(prior_scale · d(z)ᵀq(x)): cosine scores lie in [-1, 1], so a scale of 1 makes the prior

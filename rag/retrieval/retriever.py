@@ -62,8 +62,9 @@ class Retriever(nn.Module):
     """BERT_q and the index: dense retrieval, BM25 alone (the paper's RAG-BM25) or both fused (hybrid)."""
 
     def __init__(self, encoder: Encoder, index: DenseIndex, retrieval: str = "dense",
-                 fusion: FusionConfig | None = None, bm25_scale: float = 0.05):
+                 fusion: FusionConfig | None = None, bm25_scale: float = 0.05, translator=None):
         super().__init__()
+        self.translator = translator  # rag.translate.Translator: translate-test, or None
         self.encoder = encoder
         self.index = index
         self.retrieval, self.fusion, self.bm25_scale = retrieval, fusion or FusionConfig(), bm25_scale
@@ -76,12 +77,29 @@ class Retriever(nn.Module):
         """The index folder `cfg.index` and BERT_q (`cfg.query_encoder`, or the index's own encoder as its manifest
         records it), checked against each other: n_docs within the re-rank before any weights load, then the
         encoder's identity. Returns the retriever and the query encoder's config."""
+        source = cfg.query_translation.source
+        if source:
+            from rag.translate import check_pair
+
+            check_pair(source, "en", "query_translation.source")
         index = DenseIndex.load(cfg.index, **({"use_gpu": True} if cfg.faiss_gpu else {}))
         check_rerank(cfg.n_docs, index.cfg, what="n_docs")
         qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
         encoder = Encoder.from_config(dataclasses.replace(qcfg, device=cfg.device, precision=precision))
         IndexFolder(index.folder).check_encoder(index.manifest, encoder.identity())
-        return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale), qcfg
+        translator = None
+        if source:
+            from rag.translate import Translator
+
+            translator = Translator(source, "en", cfg.query_translation.model, next(encoder.parameters()).dtype,
+                                    encoder.device)
+        return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale, translator), qcfg
+
+    def searched(self, questions: list[str]) -> list[str]:
+        """What is searched for each question: itself, or with `query_translation` itself and its English."""
+        if self.translator is None:
+            return questions
+        return [f"{q} / {t}" if t else q for q, t in zip(questions, self.translator(questions), strict=True)]
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
@@ -108,6 +126,7 @@ class Retriever(nn.Module):
         if k > len(index):
             log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
             k = len(index)
+        questions = self.searched(questions)
         if self.retrieval == "bm25":
             return self._bm25(index, questions, k)
         q = self.encode(questions)  # (B, D)
