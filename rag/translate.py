@@ -85,6 +85,12 @@ class Translator:
             self._tok = tok
         return self._model, self._tok
 
+    @staticmethod
+    def _stops(tok) -> list[int]:
+        """End of text or of the line: the answer is one line, and the model would go on to the next example."""
+        newline = tok("\n", add_special_tokens=False).input_ids
+        return [tok.eos_token_id] + newline[-1:] if len(newline) == 1 else [tok.eos_token_id]
+
     def __call__(self, texts: list[str]) -> list[str]:
         import torch
 
@@ -93,5 +99,5 @@ class Translator:
         longest = max(len(tok(t).input_ids) for t in texts)
         with torch.inference_mode():
             ids = model.generate(**enc, max_new_tokens=min(2 * longest + 8, self.max_new_tokens), do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=self._stops(tok))
         return [first_line(t) for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
