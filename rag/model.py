@@ -130,7 +130,7 @@ class RagModel(nn.Module):
     def generate(self, questions: list[str], mode: str, cfg: DecodingConfig, n_docs: int,
                  retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:
         retrieved = retrieved or self.retriever(questions, n_docs)
-        ctx = self.contexts(questions, retrieved)
+        ctx = self.contexts(retrieved.read or questions, retrieved)  # with its translation where configured
         doc_lp = self.doc_logprobs(retrieved.doc_scores)
         run = decoding.rag_token if mode == "token" else decoding.rag_sequence
         hyps = run(self.generator, ctx, doc_lp, cfg)

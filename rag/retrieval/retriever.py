@@ -32,6 +32,8 @@ class Retrieved:
     # (B, K) d(z)ᵀq(x) of these passages, differentiable in BERT_q (None with retrieval bm25): what distant
     # supervision trains BERT_q on, whichever side found the passages (hybrid: BM25's hard negatives)
     dense_scores: torch.Tensor | None = None
+    # what the reader reads instead of each question: the question and its translation (query_translation.reader)
+    read: list[str] | None = None
 
 
 class NonFinite(RagError):
@@ -62,9 +64,11 @@ class Retriever(nn.Module):
     """BERT_q and the index: dense retrieval, BM25 alone (the paper's RAG-BM25) or both fused (hybrid)."""
 
     def __init__(self, encoder: Encoder, index: DenseIndex, retrieval: str = "dense",
-                 fusion: FusionConfig | None = None, bm25_scale: float = 0.05, translator=None):
+                 fusion: FusionConfig | None = None, bm25_scale: float = 0.05, translator=None,
+                 reader_reads_translation: bool = False):
         super().__init__()
         self.translator = translator  # rag.translate.Translator: translate-test, or None
+        self.reader_reads_translation = translator is not None and reader_reads_translation
         self.encoder = encoder
         self.index = index
         self.retrieval, self.fusion, self.bm25_scale = retrieval, fusion or FusionConfig(), bm25_scale
@@ -93,7 +97,8 @@ class Retriever(nn.Module):
 
             translator = Translator(source, "en", cfg.query_translation.model, next(encoder.parameters()).dtype,
                                     encoder.device)
-        return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale, translator), qcfg
+        return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale, translator,
+                   cfg.query_translation.reader), qcfg
 
     def searched(self, questions: list[str]) -> list[str]:
         """What is searched for each question: itself, or with `query_translation` itself and its English."""
@@ -126,7 +131,11 @@ class Retriever(nn.Module):
         if k > len(index):
             log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
             k = len(index)
-        questions = self.searched(questions)
+        searched = self.searched(questions)
+        got = self._search(index, searched, k)
+        return dataclasses.replace(got, read=searched) if self.reader_reads_translation else got
+
+    def _search(self, index: DenseIndex, questions: list[str], k: int) -> Retrieved:
         if self.retrieval == "bm25":
             return self._bm25(index, questions, k)
         q = self.encode(questions)  # (B, D)
