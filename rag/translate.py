@@ -98,6 +98,7 @@ class Translator:
         enc = tok([prompt(t, self.src, self.dst) for t in texts], return_tensors="pt", padding=True).to(self.device)
         longest = max(len(tok(t).input_ids) for t in texts)
         with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=min(2 * longest + 8, self.max_new_tokens), do_sample=False,
+            ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],  # no token types
+                                 max_new_tokens=min(2 * longest + 8, self.max_new_tokens), do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=self._stops(tok))
         return [first_line(t) for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
