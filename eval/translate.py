@@ -39,16 +39,13 @@ def questions(entries: list[str], limit: int | None, seed: int, field: str = "qu
 
 def translate(examples: list, src: str, dst: str, out: Path, model_name: str, batch_size: int) -> int:
     """Append translations of `examples` to `out`, skipping the ones a previous run wrote; returns how many exist."""
-    import torch
     from tqdm.auto import tqdm
-
-    from rag.precision import resolve_precision
 
     done = _complete_lines(out)
     todo = examples[done:]
     if not todo:
         return done
-    translator = Translator(src, dst, model_name, resolve_precision("auto", torch.device("cpu")))
+    translator = Translator(src, dst, model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for start in tqdm(range(0, len(todo), batch_size), desc=f"translating {src} to {dst}", unit="batch"):

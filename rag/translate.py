@@ -58,19 +58,20 @@ def check_pair(src: str, dst: str, key: str = "--from/--to") -> None:
 
 class Translator:
     """`translator(texts)` -> their translations from `src` to `dst`, by `model` (a GGUF package name, a hub name or
-    a folder), loaded on first use in `dtype` on `device`."""
+    a folder), loaded on first use on `device` in the dtype of `precision`; `key` names the setting in errors."""
 
-    def __init__(self, src: str, dst: str = "en", model: str = "google/gemma-3-270m", dtype=None, device="cpu",
-                 max_new_tokens: int = 48):
-        check_pair(src, dst)
-        self.src, self.dst, self.name, self.dtype, self.device = src, dst, model, dtype, device
-        self.max_new_tokens = max_new_tokens
-        self._model = self._tok = None
+    def __init__(self, src: str, dst: str = "en", model: str = "google/gemma-3-270m", device: str = "cpu",
+                 precision: str = "auto", max_new_tokens: int = 48, key: str = "--from/--to"):
+        check_pair(src, dst, key)
+        self.src, self.dst, self.name, self.max_new_tokens = src, dst, model, max_new_tokens
+        self.device, self.precision = device, precision  # resolved on first use, as rag.precision's Placed does
+        self._model = self._tok = self._stops = None
 
     def _load(self):
         if self._model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from rag.precision import resolve_device, resolve_precision
             from rag.weights import load_causal_lm, loading, resolve
 
             model, tok = load_causal_lm(self.name)
@@ -81,24 +82,22 @@ class Translator:
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            self._model = model.to(device=self.device, dtype=self.dtype or model.dtype).eval()
+            self.device = resolve_device(self.device)
+            self._model = model.to(device=self.device, dtype=resolve_precision(self.precision, self.device)).eval()
             self._tok = tok
+            # end of text or of the line: the answer is one line, and the model would go on to the next example
+            newline = tok("\n", add_special_tokens=False).input_ids
+            self._stops = [tok.eos_token_id] + (newline if len(newline) == 1 else [])
         return self._model, self._tok
-
-    @staticmethod
-    def _stops(tok) -> list[int]:
-        """End of text or of the line: the answer is one line, and the model would go on to the next example."""
-        newline = tok("\n", add_special_tokens=False).input_ids
-        return [tok.eos_token_id] + newline[-1:] if len(newline) == 1 else [tok.eos_token_id]
 
     def __call__(self, texts: list[str]) -> list[str]:
         import torch
 
         model, tok = self._load()
         enc = tok([prompt(t, self.src, self.dst) for t in texts], return_tensors="pt", padding=True).to(self.device)
-        longest = max(len(tok(t).input_ids) for t in texts)
+        longest = max(map(len, tok(texts).input_ids))
         with torch.inference_mode():
             ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],  # no token types
                                  max_new_tokens=min(2 * longest + 8, self.max_new_tokens), do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=self._stops(tok))
+                                 pad_token_id=tok.pad_token_id, eos_token_id=self._stops)
         return [first_line(t) for t in tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]

@@ -81,22 +81,17 @@ class Retriever(nn.Module):
         """The index folder `cfg.index` and BERT_q (`cfg.query_encoder`, or the index's own encoder as its manifest
         records it), checked against each other: n_docs within the re-rank before any weights load, then the
         encoder's identity. Returns the retriever and the query encoder's config."""
-        source = cfg.query_translation.source
-        if source:
-            from rag.translate import check_pair
+        translator = None
+        if cfg.query_translation.source:  # checked here, before any weights load; the model loads on first use
+            from rag.translate import Translator
 
-            check_pair(source, "en", "query_translation.source")
+            translator = Translator(cfg.query_translation.source, "en", cfg.query_translation.model, cfg.device,
+                                    precision, key="query_translation.source")
         index = DenseIndex.load(cfg.index, **({"use_gpu": True} if cfg.faiss_gpu else {}))
         check_rerank(cfg.n_docs, index.cfg, what="n_docs")
         qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
         encoder = Encoder.from_config(dataclasses.replace(qcfg, device=cfg.device, precision=precision))
         IndexFolder(index.folder).check_encoder(index.manifest, encoder.identity())
-        translator = None
-        if source:
-            from rag.translate import Translator
-
-            translator = Translator(source, "en", cfg.query_translation.model, next(encoder.parameters()).dtype,
-                                    encoder.device)
         return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale, translator,
                    cfg.query_translation.reader), qcfg
 
