@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rag-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/rag/demo.yaml", help="a RAG config YAML or a save_pretrained folder")
-    ap.add_argument("--data", required=True, help="QA file: NQ-open JSON Lines, WebQuestions, TriviaQA, CuratedTREC")
+    ap.add_argument("--data", required=True, help="QA file: NQ-open JSON Lines, WebQuestions, TriviaQA, "
+                    "CuratedTREC; or some of its rows: file.jsonl[500:800]")
     ap.add_argument("--format", default="auto", choices=["auto", "jsonl", "webquestions", "triviaqa", "curatedtrec"])
     ap.add_argument("--question-field", default="question", help="JSON Lines: the question's field")
     ap.add_argument("--answer-field", default="answer", help="JSON Lines: the answers' field (a list or a string)")

@@ -26,12 +26,9 @@ from rag.translate import NAMES, Translator, check_pair
 
 
 def questions(entries: list[str], limit: int | None, seed: int, field: str = "question") -> list:
-    from rag.train import data_rows
-
     pool = []
     for entry in entries:
-        path, rows = data_rows(entry)
-        pool.extend(read_qa(path, question_field=field)[rows])
+        pool.extend(read_qa(entry, question_field=field))
     if limit:  # a sample drawn across the files, the same on every run (resume); without a limit, the file order
         random.Random(seed).shuffle(pool)
     return pool[:limit] if limit else pool

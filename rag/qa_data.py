@@ -81,11 +81,26 @@ def _problem(question, answers, patterns: bool) -> str | None:
     return None
 
 
+def data_rows(entry: str | Path) -> tuple[Path, slice]:
+    """"file.jsonl[500:]" -> (file.jsonl, rows 500 on): a part of a file (e.g. all but the evaluation rows); a file
+    whose own name ends so is read whole."""
+    m = re.fullmatch(r"(.+)\[(\d*):(\d*)\]", str(entry))
+    if not m or Path(entry).expanduser().is_file():
+        return Path(entry).expanduser(), slice(None)
+    return Path(m[1]).expanduser(), slice(int(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
+
+
 def read_qa(path: str | Path, fmt: str = "auto", on_error: str = "raise", question_field: str = "question",
             answer_field: str = "answer", report: QAReport | None = None) -> list[QAExample]:
-    """Read a QA file; `fmt` is jsonl (NQ-open style, configurable fields), webquestions, triviaqa, curatedtrec
-    (DPR's TSV: question, then a JSON list of answer regular expressions) or auto (by extension and content)."""
-    path = Path(path).expanduser()
+    """Read a QA file, or some of its rows ("file.jsonl[500:]": the questions with answers from the 501st on);
+    `fmt` is jsonl (NQ-open style, configurable fields), webquestions, triviaqa, curatedtrec (DPR's TSV: question,
+    then a JSON list of answer regular expressions) or auto (by extension and content)."""
+    path, rows = data_rows(path)
+    return _read_qa(path, fmt, on_error, question_field, answer_field, report)[rows]
+
+
+def _read_qa(path: Path, fmt: str, on_error: str, question_field: str, answer_field: str,
+             report: QAReport | None) -> list[QAExample]:
     report = report if report is not None else QAReport()
     if not path.is_file():
         raise CorpusError(f"QA file {path} does not exist")

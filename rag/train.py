@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -88,20 +87,11 @@ def load_examples(cfg: TrainConfig):
 
     report = QAReport()
     examples = []
-    for entry in cfg.data.train:
-        path, rows = data_rows(entry)
-        examples += read_qa(path, cfg.data.format, cfg.data.on_error, report=report)[rows]
+    for entry in cfg.data.train:  # a file, or some of its rows: "file.jsonl[500:]"
+        examples += read_qa(entry, cfg.data.format, cfg.data.on_error, report=report)
     if not examples:
         raise TrainingError(f"no training examples in {list(cfg.data.train)} ({report})")
     return examples, report
-
-
-def data_rows(entry: str) -> tuple[str, slice]:
-    """"file.jsonl[500:]" -> ("file.jsonl", rows 500 on): a part of a file (e.g. all but the evaluation rows)."""
-    m = re.fullmatch(r"(.+)\[(\d*):(\d*)\]", entry)
-    if not m:
-        return entry, slice(None)
-    return m[1], slice(int(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
 
 
 def evaluate(pipe, examples) -> dict:

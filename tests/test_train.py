@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -292,12 +293,18 @@ def test_a_bad_adapter_is_one_line(setup, tmp_path, tiny_lms):
                                     f"generator.adapter={done.final / 'generator'}"])
 
 
-def test_training_rows_of_a_file(tmp_path):
-    from rag.train import data_rows
+def test_rows_of_a_qa_file(tmp_path):
+    from rag.qa_data import data_rows, read_qa
 
-    assert data_rows("a/nq.jsonl[500:]") == ("a/nq.jsonl", slice(500, None))
-    assert data_rows("a/nq.jsonl[:10]") == ("a/nq.jsonl", slice(None, 10))
-    assert data_rows("a/nq.jsonl") == ("a/nq.jsonl", slice(None))
+    assert data_rows("a/nq.jsonl[500:]") == (Path("a/nq.jsonl"), slice(500, None))
+    assert data_rows("a/nq.jsonl[:10]") == (Path("a/nq.jsonl"), slice(None, 10))
+    assert data_rows("a/nq.jsonl") == (Path("a/nq.jsonl"), slice(None))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"q{i}", "answer": [f"a{i}"]}) + "\n" for i in range(5)))
+    assert [e.question for e in read_qa(f"{qa}[1:3]")] == ["q1", "q2"]
+    odd = tmp_path / "odd[1:2]"  # a file whose own name looks like rows is read whole
+    odd.write_text(qa.read_text())
+    assert len(read_qa(odd)) == 5
 
 
 def test_unanswerable_questions_weighted(setup):
