@@ -214,12 +214,13 @@ class FusionConfig:
 @dataclass(frozen=True)
 class QueryTranslationConfig:
     """Translate-test (rag/translate.py): a question asked in `source` is searched as itself plus its English
-    translation by `model`, so that the encoder and BM25 also see the English words of the passages; with `reader` the
-    reader reads both too (else the question as asked)."""
+    translation by `model`, so that the encoder and BM25 also see the English words of the passages; `reader` says
+    what the reader reads: the question as asked, both, or the translation alone."""
 
     source: str | None = None  # the language questions are asked in: pl, ru or pt; unset: searched as asked
     model: str = "google/gemma-3-270m"  # a causal LM: GGUF packages' name, hub name or folder
-    reader: bool = False  # the reader reads "question / translation" too (Polish EM with Gemma: 6 -> 8 of 200)
+    # question: as asked; both: "question / translation"; translation: the English alone (docs/results.md)
+    reader: Literal["question", "both", "translation"] = "question"
 
 
 @dataclass(frozen=True)

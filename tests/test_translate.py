@@ -73,19 +73,24 @@ def test_query_translation_searches_the_question_and_its_english(tmp_path, tiny_
     assert len(retriever.translator(["kto napisał", "gdzie jest paryż"])) == 2  # one line each from the real LM
     retriever.translator = lambda qs: ["capital of france paris" for _ in qs]  # a translator that knows
     assert pipe.retrieve("stolica francji", 3)[0][0].title == "Paris"  # BM25 found it through the English words
-    assert retriever.searched(["stolica francji"]) == ["stolica francji / capital of france paris"]
+    assert retriever.searched(["stolica francji"]) == (["stolica francji / capital of france paris"], None)
     read = []
     contexts = pipe.model.contexts
     pipe.model.contexts = lambda questions, retrieved: read.append(list(questions)) or contexts(questions, retrieved)
     assert pipe.answer("stolica francji").question == "stolica francji"
     assert read[-1] == ["stolica francji"]  # the reader reads it as asked...
-    retriever.reader_reads_translation = True  # ...or with query_translation.reader, with its translation
-    assert pipe.answer("stolica francji").question == "stolica francji"
-    assert read[-1] == ["stolica francji / capital of france paris"]
+    for reader, reads in (("both", "stolica francji / capital of france paris"),  # ...or with query_translation.reader
+                          ("translation", "capital of france paris")):  # both, or the translation alone
+        retriever.reader = reader
+        assert pipe.answer("stolica francji").question == "stolica francji"
+        assert read[-1] == [reads]
     retriever.translator = None
     assert "Paris" not in [h.title for h in pipe.retrieve("stolica francji", 3)[0]]
-    both = RagPipeline.load(rag_config(built, tiny_bert, lm, query_translation=QueryTranslationConfig("pl", lm, True)))
-    assert both.model.retriever.reader_reads_translation and not retriever.translator
+    both = RagPipeline.load(rag_config(built, tiny_bert, lm,
+                                       query_translation=QueryTranslationConfig("pl", lm, "translation")))
+    assert both.model.retriever.reader == "translation" and not retriever.translator
+    asked = RagPipeline.load(rag_config(built, tiny_bert, lm, query_translation=QueryTranslationConfig(None, lm, "both")))
+    assert asked.model.retriever.reader == "question"  # nothing to translate: read as asked
     for source, says in (("de", "known: en, pl, ru, pt"), ("en", "one side must be English")):
         with pytest.raises(ConfigError, match=f"query_translation.source.*{says}"):
             RagPipeline.load(rag_config(built, tiny_bert, lm, query_translation=QueryTranslationConfig(source)))

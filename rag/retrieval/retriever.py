@@ -32,7 +32,7 @@ class Retrieved:
     # (B, K) d(z)ᵀq(x) of these passages, differentiable in BERT_q (None with retrieval bm25): what distant
     # supervision trains BERT_q on, whichever side found the passages (hybrid: BM25's hard negatives)
     dense_scores: torch.Tensor | None = None
-    # what the reader reads instead of each question: the question and its translation (query_translation.reader)
+    # what the reader reads instead of each question (query_translation.reader: both, or the translation alone)
     read: list[str] | None = None
 
 
@@ -65,10 +65,10 @@ class Retriever(nn.Module):
 
     def __init__(self, encoder: Encoder, index: DenseIndex, retrieval: str = "dense",
                  fusion: FusionConfig | None = None, bm25_scale: float = 0.05, translator=None,
-                 reader_reads_translation: bool = False):
+                 reader: str = "question"):
         super().__init__()
         self.translator = translator  # rag.translate.Translator: translate-test, or None
-        self.reader_reads_translation = translator is not None and reader_reads_translation
+        self.reader = reader if translator is not None else "question"  # query_translation.reader
         self.encoder = encoder
         self.index = index
         self.retrieval, self.fusion, self.bm25_scale = retrieval, fusion or FusionConfig(), bm25_scale
@@ -95,11 +95,15 @@ class Retriever(nn.Module):
         return cls(encoder, index, cfg.retrieval, cfg.fusion, cfg.bm25_scale, translator,
                    cfg.query_translation.reader), qcfg
 
-    def searched(self, questions: list[str]) -> list[str]:
-        """What is searched for each question: itself, or with `query_translation` itself and its English."""
+    def searched(self, questions: list[str]) -> tuple[list[str], list[str] | None]:
+        """What is searched for each question (itself, or with `query_translation` itself and its English) and what
+        the reader reads instead of it (None: the question as asked)."""
         if self.translator is None:
-            return questions
-        return [f"{q} / {t}" if t else q for q, t in zip(questions, self.translator(questions), strict=True)]
+            return questions, None
+        english = self.translator(questions)
+        both = [f"{q} / {t}" if t else q for q, t in zip(questions, english, strict=True)]
+        read = {"both": both, "translation": [t or q for q, t in zip(questions, english, strict=True)]}
+        return both, read.get(self.reader)
 
     def encode(self, questions: list[str]) -> torch.Tensor:
         """(B,) questions -> (B, D) q(x), in one encoder pass; over-long questions are truncated with one warning."""
@@ -126,9 +130,8 @@ class Retriever(nn.Module):
         if k > len(index):
             log.warning("n_docs=%d is larger than the index (%d passages); using %d", k, len(index), len(index))
             k = len(index)
-        searched = self.searched(questions)
-        got = self._search(index, searched, k)
-        return dataclasses.replace(got, read=searched) if self.reader_reads_translation else got
+        searched, read = self.searched(questions)
+        return dataclasses.replace(self._search(index, searched, k), read=read)
 
     def _search(self, index: DenseIndex, questions: list[str], k: int) -> Retrieved:
         if self.retrieval == "bm25":
