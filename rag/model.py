@@ -61,7 +61,9 @@ class RagModel(nn.Module):
         return marginal.doc_logprobs(doc_scores, self.prior_scale)
 
     def contexts(self, questions: list[str], retrieved: Retrieved) -> Contexts:
-        return self.generator.prepare(questions, retrieved.passages)
+        """The reader's inputs: each question (or what query_translation gives the reader instead) with its
+        passages; one place, so that training, scoring and decoding read the same text."""
+        return self.generator.prepare(retrieved.read or questions, retrieved.passages)
 
     def target_logprobs(self, ctx: Contexts, targets: torch.Tensor, K: int, smoothing: bool = False,
                         full: bool = False):
@@ -103,7 +105,8 @@ class RagModel(nn.Module):
             rows = weight.nonzero().flatten().tolist()  # a question of weight 0 never reaches the generator
             if rows:
                 top = Retrieved(retrieved.ids[rows, :n_docs], retrieved.doc_scores[rows, :n_docs],
-                                [retrieved.passages[b][:n_docs] for b in rows])
+                                [retrieved.passages[b][:n_docs] for b in rows],
+                                read=None if retrieved.read is None else [retrieved.read[b] for b in rows])
                 loss = self.loss([questions[b] for b in rows], [answers[b] for b in rows], mode, n_docs,
                                  smoothing, top)
                 total = total.index_add(0, torch.tensor(rows, device=device), rag_weight * weight[rows] * loss)
@@ -130,7 +133,7 @@ class RagModel(nn.Module):
     def generate(self, questions: list[str], mode: str, cfg: DecodingConfig, n_docs: int,
                  retrieved: Retrieved | None = None) -> tuple[Retrieved, list[list[Generated]]]:
         retrieved = retrieved or self.retriever(questions, n_docs)
-        ctx = self.contexts(retrieved.read or questions, retrieved)  # with its translation where configured
+        ctx = self.contexts(questions, retrieved)
         doc_lp = self.doc_logprobs(retrieved.doc_scores)
         run = decoding.rag_token if mode == "token" else decoding.rag_sequence
         hyps = run(self.generator, ctx, doc_lp, cfg)

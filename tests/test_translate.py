@@ -61,6 +61,7 @@ def test_query_translation_searches_the_question_and_its_english(tmp_path, tiny_
     pytest.importorskip("bm25s")
     from index_builder.build import build
     from rag.config import ConfigError, QueryTranslationConfig
+    from rag.model import LossSettings
     from rag.pipeline import RagPipeline
 
     built = build(build_cfg(tmp_path, tiny_bert, write_jsonl(tmp_path / "corpus.jsonl", DOCS), "sparse.kind=bm25"),
@@ -75,8 +76,9 @@ def test_query_translation_searches_the_question_and_its_english(tmp_path, tiny_
     assert pipe.retrieve("stolica francji", 3)[0][0].title == "Paris"  # BM25 found it through the English words
     assert retriever.searched(["stolica francji"]) == (["stolica francji / capital of france paris"], None)
     read = []
-    contexts = pipe.model.contexts
-    pipe.model.contexts = lambda questions, retrieved: read.append(list(questions)) or contexts(questions, retrieved)
+    generator = pipe.model.generator
+    prepare = generator.prepare
+    generator.prepare = lambda questions, passages: read.append(list(questions)) or prepare(questions, passages)
     assert pipe.answer("stolica francji").question == "stolica francji"
     assert read[-1] == ["stolica francji"]  # the reader reads it as asked...
     for reader, reads in (("both", "stolica francji / capital of france paris"),  # ...or with query_translation.reader
@@ -84,6 +86,8 @@ def test_query_translation_searches_the_question_and_its_english(tmp_path, tiny_
         retriever.reader = reader
         assert pipe.answer("stolica francji").question == "stolica francji"
         assert read[-1] == [reads]
+        pipe.model(["stolica francji", "stolica francji"], ["paris", "paris"], LossSettings("token", 2))
+        assert read[-1] == [reads, reads]  # training reads what decoding reads
     retriever.translator = None
     assert "Paris" not in [h.title for h in pipe.retrieve("stolica francji", 3)[0]]
     both = RagPipeline.load(rag_config(built, tiny_bert, lm,
