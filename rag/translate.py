@@ -58,11 +58,13 @@ def check_pair(src: str, dst: str, key: str = "--from/--to") -> None:
 
 class Translator:
     """`translator(texts)` -> their translations from `src` to `dst`, by `model` (a GGUF package name, a hub name or
-    a folder), loaded on first use on `device` in the dtype of `precision`; `key` names the setting in errors."""
+    a folder), loaded on first use on `device` in the dtype of `precision`; `keys` name the settings of the language
+    pair and of the model in errors."""
 
     def __init__(self, src: str, dst: str = "en", model: str = "google/gemma-3-270m", device: str = "cpu",
-                 precision: str = "auto", max_new_tokens: int = 48, key: str = "--from/--to"):
-        check_pair(src, dst, key)
+                 precision: str = "auto", max_new_tokens: int = 48, keys: tuple[str, str] = ("--from/--to", "--model")):
+        check_pair(src, dst, keys[0])
+        self.model_key = keys[1]
         self.src, self.dst, self.name, self.max_new_tokens = src, dst, model, max_new_tokens
         self.device, self.precision = device, precision  # resolved on first use, as rag.precision's Placed does
         self._model = self._tok = self._stops = None
@@ -74,9 +76,9 @@ class Translator:
             from rag.precision import resolve_device, resolve_precision
             from rag.weights import load_causal_lm, loading, resolve
 
-            model, tok = load_causal_lm(self.name)
+            model, tok = load_causal_lm(self.name, self.model_key)
             if model is None:
-                with loading("query_translation.model", self.name):
+                with loading(self.model_key, self.name):
                     path = resolve(self.name)
                     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
             tok.padding_side = "left"

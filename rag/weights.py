@@ -166,8 +166,9 @@ GGUF_PACKAGES = {
 }
 
 
-def load_causal_lm(name: str):
-    """(model, tokenizer) for a hub name shipped as GGUF by installed packages, else (None, None).
+def load_causal_lm(name: str, key: str = "generator.name"):
+    """(model, tokenizer) for a hub name shipped as GGUF by installed packages, else (None, None); `key` is the
+    setting that named it, for errors.
 
     transformers dequantises the GGUF to fp32 (about 30 s); the result is cached once as safetensors under
     $RAG_CACHE/models/ and loads from there in seconds.
@@ -183,7 +184,7 @@ def load_causal_lm(name: str):
     major = transformers.__version__.split(".")[0]
     cached = cache_dir() / "models" / f"{name.replace('/', '--')}.transformers{major}"
     if (cached / "config.json").is_file():
-        with loading("generator.name", str(cached)):
+        with loading(key, str(cached)):
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
                     AutoTokenizer.from_pretrained(cached))
     parts = gguf_parts(GGUF_PACKAGES[name])
@@ -193,7 +194,7 @@ def load_causal_lm(name: str):
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed half-way
     log.info("converting %s from %s once (about 30 s); cached in %s", name, parts[0].parent, cached)
     folder, gguf = join_parts(GGUF_PACKAGES[name], parts, tmp)
-    with loading("generator.name", name):
+    with loading(key, name):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     # The weights are plain fp32 after dequantising; detach the GGUF quantizer so that save_pretrained accepts them.

@@ -55,6 +55,11 @@ def test_unknown_language_is_one_line(tmp_path, capsys):
     assert "known: en, pl, ru, pt" in capsys.readouterr().err
     assert translate.main(["--data", "x.jsonl", "--from", "pl", "--to", "ru", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "one side must be English" in capsys.readouterr().err
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "who wrote it", "answer": ["Someone"]}])
+    missing = tmp_path / "no-model"
+    assert translate.main(["--data", str(data), "--to", "pl", "--out", str(tmp_path / "o.jsonl"),
+                           "--model", str(missing)]) == 2
+    assert f"--model='{missing}' cannot be loaded" in capsys.readouterr().err  # the model's own setting, named in its error
 
 
 def test_query_translation_searches_the_question_and_its_english(tmp_path, tiny_bert, tiny_lms):

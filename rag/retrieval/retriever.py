@@ -86,7 +86,7 @@ class Retriever(nn.Module):
             from rag.translate import Translator
 
             translator = Translator(cfg.query_translation.source, "en", cfg.query_translation.model, cfg.device,
-                                    precision, key="query_translation.source")
+                                    precision, keys=("query_translation.source", "query_translation.model"))
         index = DenseIndex.load(cfg.index, **({"use_gpu": True} if cfg.faiss_gpu else {}))
         check_rerank(cfg.n_docs, index.cfg, what="n_docs")
         qcfg = cfg.query_encoder or EncoderConfig(**encoder_record_of(index.manifest))
